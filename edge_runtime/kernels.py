@@ -30,7 +30,7 @@ def _buffer_offsets(widths: np.ndarray, batch: int) -> np.ndarray:
 
 
 @njit(cache=True)
-def _forward(theta, widths, w_off, b_off, acts, a_off, nb):  # type: ignore[no-untyped-def]
+def _forward(theta, widths, w_off, b_off, acts, a_off, nb):
     """Fill acts for layers 1..L from the input block at layer 0 (rows 0..nb). Returns the logits view."""
     n_layers = widths.shape[0] - 1
     for layer in range(n_layers):
@@ -53,7 +53,7 @@ def _forward(theta, widths, w_off, b_off, acts, a_off, nb):  # type: ignore[no-u
 
 
 @njit(cache=True)
-def _output_delta(logits, y, sw, denom, delta):  # type: ignore[no-untyped-def]
+def _output_delta(logits, y, sw, denom, delta):
     """Write dLoss/dlogits into delta and return the summed weighted loss of the rows.
 
     Loss per row is sw * cross-entropy; the batch loss is that sum divided by `denom` (the batch size).
@@ -86,7 +86,7 @@ def _output_delta(logits, y, sw, denom, delta):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def _backward(theta, widths, w_off, b_off, acts, deltas, a_off, nb, grad):  # type: ignore[no-untyped-def]
+def _backward(theta, widths, w_off, b_off, acts, deltas, a_off, nb, grad):
     """Back-propagate the output delta (in deltas' last block) and write data gradients into grad."""
     n_layers = widths.shape[0] - 1
     for layer in range(n_layers - 1, -1, -1):
@@ -113,7 +113,7 @@ def _backward(theta, widths, w_off, b_off, acts, deltas, a_off, nb, grad):  # ty
 
 
 @njit(cache=True)
-def _add_penalties(theta, grad, weight_mask, l2, mu, theta_global):  # type: ignore[no-untyped-def]
+def _add_penalties(theta, grad, weight_mask, l2, mu, theta_global):
     """Add the gradients of (l2/2)||W||^2 and the FedProx term (mu/2)||theta - theta_global||^2."""
     for p in range(theta.shape[0]):
         grad[p] += l2 * weight_mask[p] * theta[p]
@@ -122,7 +122,7 @@ def _add_penalties(theta, grad, weight_mask, l2, mu, theta_global):  # type: ign
 
 
 @njit(cache=True)
-def penalty_value(theta, weight_mask, l2, mu, theta_global):  # type: ignore[no-untyped-def]
+def penalty_value(theta, weight_mask, l2, mu, theta_global):
     """(l2/2)||W||^2 + (mu/2)||theta - theta_global||^2."""
     reg = 0.0
     prox = 0.0
@@ -135,7 +135,7 @@ def penalty_value(theta, weight_mask, l2, mu, theta_global):  # type: ignore[no-
 
 
 @njit(cache=True)
-def loss_and_grad(theta, widths, w_off, b_off, X, y, class_weight, weight_mask, l2, mu, theta_global):  # type: ignore[no-untyped-def]
+def loss_and_grad(theta, widths, w_off, b_off, X, y, class_weight, weight_mask, l2, mu, theta_global):
     """Full-batch loss and gradient (the objective the trainer minimises), for checks and evaluation."""
     n = X.shape[0]
     a_off = _buffer_offsets(widths, n)
@@ -156,7 +156,7 @@ def loss_and_grad(theta, widths, w_off, b_off, X, y, class_weight, weight_mask, 
 
 
 @njit(cache=True)
-def train_epochs(  # type: ignore[no-untyped-def]
+def train_epochs(
     theta,
     widths,
     w_off,

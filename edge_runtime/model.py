@@ -8,6 +8,7 @@ a view into it. Logistic regression is the MLP with no hidden layer.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 
@@ -84,7 +85,7 @@ class ParamLayout:
     def for_widths(cls, widths: tuple[int, ...]) -> ParamLayout:
         entries = []
         offset = 0
-        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
             entries.append(ParamEntry(f"W{i}", (fan_in, fan_out), offset))
             offset += fan_in * fan_out
             entries.append(ParamEntry(f"b{i}", (fan_out,), offset))
@@ -103,9 +104,7 @@ class ParamLayout:
     def views(self, theta: np.ndarray) -> dict[str, np.ndarray]:
         """Named views (no copies) into `theta`; writing to a view writes the vector."""
         if theta.shape != (self.size,):
-            raise ModelError(
-                "FHAI-M005", f"parameter vector has shape {theta.shape}, layout needs ({self.size},)"
-            )
+            raise ModelError("FHAI-M005", f"parameter vector has shape {theta.shape}, layout needs ({self.size},)")
         return {e.name: theta[e.offset : e.offset + e.size].reshape(e.shape) for e in self.entries}
 
     def weight_mask(self) -> np.ndarray:

@@ -45,9 +45,7 @@ def check_training_data(model: Model, X: np.ndarray, y: np.ndarray) -> tuple[np.
     y = np.asarray(y)
     spec = model.spec
     if X.ndim != 2:
-        raise TrainingDataError(
-            "FHAI-T001", f"features must be a 2-D matrix (rows x columns), got shape {X.shape}"
-        )
+        raise TrainingDataError("FHAI-T001", f"features must be a 2-D matrix (rows x columns), got shape {X.shape}")
     if X.shape[0] == 0:
         raise TrainingDataError(
             "FHAI-T002", "no training rows: check the FHIR source and the feature spec's cohort filter"
@@ -59,9 +57,7 @@ def check_training_data(model: Model, X: np.ndarray, y: np.ndarray) -> tuple[np.
             "the device's feature spec does not match the task's",
         )
     if y.shape != (X.shape[0],):
-        raise TrainingDataError(
-            "FHAI-T004", f"labels have shape {y.shape}, expected ({X.shape[0]},) to match the rows"
-        )
+        raise TrainingDataError("FHAI-T004", f"labels have shape {y.shape}, expected ({X.shape[0]},) to match the rows")
     Xf = np.ascontiguousarray(X, dtype=np.float32)
     if not np.isfinite(Xf).all():
         bad_cols = np.flatnonzero(~np.isfinite(Xf).all(axis=0)).tolist()

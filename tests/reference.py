@@ -6,12 +6,14 @@ agreement with the Numba trainer means something. The benchmark also times it as
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 
 def unpack(theta: np.ndarray, widths: tuple[int, ...]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     Ws, bs, o = [], [], 0
-    for fi, fo in zip(widths[:-1], widths[1:], strict=True):
+    for fi, fo in itertools.pairwise(widths):
         Ws.append(theta[o : o + fi * fo].reshape(fi, fo).copy())
         o += fi * fo
         bs.append(theta[o : o + fo].copy())

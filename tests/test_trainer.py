@@ -68,9 +68,7 @@ def test_objective_matches_numpy_reference(spec: ModelSpec) -> None:
     model = Model.create(spec, seed=5, standardizer=Standardizer.fit(X))
     loss, grad = objective(model, X, y, TrainConfig(), dtype=np.float64)
     Ws, bs = unpack(model.params.astype(np.float64), spec.widths)
-    ref_loss, gW, gb = batch_loss_grads(
-        Ws, bs, model.standardizer.apply(X).astype(np.float64), y, np.ones(len(y))
-    )
+    ref_loss, gW, gb = batch_loss_grads(Ws, bs, model.standardizer.apply(X).astype(np.float64), y, np.ones(len(y)))
     assert loss == pytest.approx(ref_loss, rel=1e-10)
     ref_grad = np.concatenate([g.ravel() for pair in zip(gW, gb, strict=True) for g in pair])
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-9, atol=1e-12)
@@ -148,9 +146,7 @@ def test_logistic_regression_matches_scikit_learn_on_breast_cancer() -> None:
         Model.create(ModelSpec(X.shape[1]), seed=0, standardizer=scaler),
         Xtr,
         ytr,
-        TrainConfig(
-            epochs=60, learning_rate=0.005, l2=1.0 / len(ytr)
-        ),  # sklearn's C=1 as a mean-loss penalty
+        TrainConfig(epochs=60, learning_rate=0.005, l2=1.0 / len(ytr)),  # sklearn's C=1 as a mean-loss penalty
     ).model
     sk = LogisticRegression(C=1.0, max_iter=5000).fit(scaler.apply(Xtr), ytr)
     auc_ours = roc_auc_score(yte, ours.predict_proba(Xte)[:, 1])
@@ -255,6 +251,4 @@ def test_divergence_is_reported_not_returned() -> None:
     spec = ModelSpec(6, (8,))
     X, y = _data(spec, 64)
     with pytest.raises(TrainingDataError, match="lower the learning rate"):
-        train(
-            Model.create(spec, seed=0), X * 1e30, y, TrainConfig(epochs=5, optimizer="sgd", learning_rate=10)
-        )
+        train(Model.create(spec, seed=0), X * 1e30, y, TrainConfig(epochs=5, optimizer="sgd", learning_rate=10))
