@@ -1,0 +1,483 @@
+"""Feature tables from FHIR resources: the hot loop is plain dict access, the math is numpy on arrays.
+
+`FeatureBuilder.add(resource)` extracts what the spec needs from one resource (Patient, Observation,
+Condition) into flat per-feature arrays; `build()` applies the time rules of the spec (see featurespec.py),
+aggregates, imputes and returns a `FeatureTable`. Records are sorted by (patient, time, value) before any
+aggregation, so the table does not depend on the order the resources arrived in (search vs files).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import validation as v
+from .featurespec import FeatureSpec
+from .timeutil import date_to_days, days_to_date, to_days
+from .units import Affine, converter
+from .validation import IngestReport
+
+log = logging.getLogger("fhir_adapters.features")
+
+USED_TYPES = ("Patient", "Observation", "Condition")
+EXCLUDED_OBS_STATUS = frozenset({"entered-in-error", "cancelled"})
+EXCLUDED_VERIFICATION = frozenset({"entered-in-error", "refuted"})
+DAYS_PER_YEAR = 365.25
+
+
+@dataclass
+class FeatureTable:
+    """The model's input at one site. patient_ids stay local: only X-derived model updates leave."""
+
+    X: npt.NDArray[np.float32]
+    y: npt.NDArray[np.int32]
+    columns: list[str]
+    units: list[str | None]
+    patient_ids: list[str]
+    index_days: npt.NDArray[np.float64]  # each row's index date, days since 1970-01-01
+    spec_hash: str
+    spec_name: str
+    label_name: str
+    report: IngestReport = field(default_factory=IngestReport)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.X.shape[0])
+
+    def index_dates(self) -> list[str]:
+        return [days_to_date(d).isoformat() for d in self.index_days]
+
+    def equals(self, other: FeatureTable) -> bool:
+        """Same rows, columns, values and labels (report and row order aside: rows are sorted by id)."""
+        return (
+            self.columns == other.columns
+            and self.units == other.units
+            and self.patient_ids == other.patient_ids
+            and self.spec_hash == other.spec_hash
+            and np.array_equal(self.y, other.y)
+            and np.array_equal(self.X, other.X)
+        )
+
+    def to_csv(self, path: str | Path, *, include_ids: bool = True) -> Path:
+        p = Path(path)
+        with p.open("w", newline="") as f:
+            w = csv.writer(f)
+            head = (["patient_id"] if include_ids else []) + self.columns + [self.label_name]
+            w.writerow(head)
+            for i in range(self.n_rows):
+                row: list[Any] = [self.patient_ids[i]] if include_ids else []
+                row += [f"{x:.6g}" for x in self.X[i].tolist()]
+                row.append(int(self.y[i]))
+                w.writerow(row)
+        return p
+
+
+def _ref_id(ref: object, rtype: str = "Patient") -> str | None:
+    """Logical id from 'Patient/1', 'http://x/fhir/Patient/1', 'Patient/1/_history/2' or 'urn:uuid:1'."""
+    if not isinstance(ref, str):
+        return None
+    if ref.startswith("urn:uuid:"):
+        return ref[9:]
+    parts = ref.split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    if len(parts) >= 2 and parts[-2] == rtype:
+        return parts[-1]
+    return None
+
+
+class _Feature:
+    """Per-feature extraction state: the unit converters it has seen and its flat record arrays."""
+
+    __slots__ = ("analyte", "comp_codes", "convs", "defn", "pids", "times", "unit", "values")
+
+    def __init__(self, defn: Any) -> None:
+        self.defn = defn
+        self.unit: str | None = defn.unit
+        self.analyte: str | None = defn.analyte
+        self.comp_codes = {(c.system, c.code) for c in defn.component} if defn.component else None
+        self.convs: dict[str | None, Affine | None] = {}
+        self.pids: list[int] = []
+        self.times: list[float] = []
+        self.values: list[float] = []
+
+    def conv(self, unit: str | None) -> Affine | None:
+        try:
+            return self.convs[unit]
+        except KeyError:
+            f = None if self.unit is None else converter(unit, self.unit, self.analyte)
+            self.convs[unit] = f
+            return f
+
+
+class FeatureBuilder:
+    """Streams resources in, builds one FeatureTable. strict=True validates used resources with R4B."""
+
+    def __init__(self, spec: FeatureSpec, *, strict: bool = False, report: IngestReport | None = None) -> None:
+        self.spec = spec
+        self.report = report if report is not None else IngestReport()
+        self._gate: Callable[[dict[str, Any]], bool] | None = v.strict_check(self.report) if strict else None
+        self._features = [_Feature(f) for f in spec.features]
+        self._by_code: dict[tuple[str, str], list[_Feature]] = {}
+        for feat in self._features:
+            for c in feat.defn.codes:
+                self._by_code.setdefault((c.system, c.code), []).append(feat)
+        lab = spec.label
+        self._label_exact = {(c.system, c.code) for c in lab.codes if c.system not in lab.prefix_systems}
+        self._label_prefix = [(c.system, c.code) for c in lab.codes if c.system in lab.prefix_systems]
+        self._pid_index: dict[str, int] = {}
+        self._patients: dict[str, tuple[float, float]] = {}  # id -> (birth days or nan, sex_male or nan)
+        self._onset: dict[str, float] = {}  # id -> earliest onset of a label condition
+        self._seen_obs: set[str] = set()
+
+    # ---------------- hot loop ----------------
+
+    def add_json(self, raw: bytes | str) -> None:
+        res = v.parse_json(raw, self.report)
+        if res is not None:
+            self.add(res)
+
+    def add_all(self, resources: Iterable[dict[str, Any]]) -> FeatureBuilder:
+        for r in resources:
+            self.add(r)
+        return self
+
+    def add(self, res: dict[str, Any]) -> None:
+        rtype = res.get("resourceType")
+        try:
+            if rtype == "Observation":
+                self._add_observation(res)
+            elif rtype == "Patient":
+                self._add_patient(res)
+            elif rtype == "Condition":
+                self._add_condition(res)
+            elif rtype is None:
+                self.report.reject(v.MISSING_RESOURCE_TYPE, str(res.get("id")))
+            elif not isinstance(rtype, str) or not rtype[:1].isupper():
+                self.report.reject(v.WRONG_RESOURCE_TYPE, str(rtype))
+            else:
+                self.report.ignored += 1
+        except (AttributeError, TypeError, KeyError, IndexError) as e:
+            # structure that is not FHIR (a string where an object belongs...): count it, never crash
+            self.report.reject(v.INVALID_RESOURCE, f"{rtype}/{res.get('id')}: {e!r}")
+
+    def _add_observation(self, obs: dict[str, Any]) -> None:
+        feats = None
+        for c in obs["code"]["coding"]:
+            feats = self._by_code.get((c.get("system"), c.get("code")))
+            if feats is not None:
+                break
+        if feats is None:
+            self.report.ignored += 1
+            return
+        rid = obs.get("id")
+        report = self.report
+        if self._gate is not None and not self._gate(obs):
+            return
+        if obs.get("status") in EXCLUDED_OBS_STATUS:
+            report.reject(v.STATUS_EXCLUDED, f"Observation/{rid}")
+            return
+        subject = obs.get("subject")
+        pid = _ref_id(subject.get("reference")) if subject else None
+        if pid is None:
+            report.reject(v.NO_SUBJECT, f"Observation/{rid}")
+            return
+        when = obs.get("effectiveDateTime") or obs.get("effectiveInstant")
+        if when is None:
+            period = obs.get("effectivePeriod")
+            when = period.get("start") if period else obs.get("issued")
+        t = to_days(when)
+        if t is None:
+            report.reject(v.NO_EFFECTIVE_TIME, f"Observation/{rid}")
+            return
+        # Collect (feature, value) first: one observation is accepted or rejected as a whole.
+        out: list[tuple[_Feature, float]] = []
+        for feat in feats:
+            q: dict[str, Any] | None
+            if feat.comp_codes is None:
+                q = obs.get("valueQuantity")
+            else:
+                q = None
+                for comp in obs.get("component") or ():
+                    if any((c.get("system"), c.get("code")) in feat.comp_codes for c in comp["code"]["coding"]):
+                        q = comp.get("valueQuantity")
+                        break
+            if feat.defn.aggregation == "count":
+                out.append((feat, 1.0))
+                continue
+            value = q.get("value") if q else None
+            if value is None or q is None:
+                report.reject(v.MISSING_VALUE, f"Observation/{rid}")
+                return
+            if value.__class__ is not float and (value.__class__ is not int):
+                report.reject(v.NON_NUMERIC_VALUE, f"Observation/{rid}: {value!r}")
+                return
+            unit = q.get("code") or q.get("unit")
+            if unit is None:
+                report.reject(v.MISSING_UNIT, f"Observation/{rid}")
+                return
+            f = feat.conv(unit)
+            if f is None:
+                report.reject(v.UNCONVERTIBLE_UNIT, f"Observation/{rid}: {unit!r} -> {feat.unit!r}")
+                return
+            out.append((feat, value * f.scale + f.offset))
+        if rid is not None:
+            if rid in self._seen_obs:
+                report.reject(v.DUPLICATE, f"Observation/{rid}")
+                return
+            self._seen_obs.add(rid)
+        p = self._pid_index.get(pid)
+        if p is None:
+            p = self._pid_index[pid] = len(self._pid_index)
+        for feat, val in out:
+            feat.pids.append(p)
+            feat.times.append(t)
+            feat.values.append(val)
+        report.accepted["Observation"] += 1
+
+    def _add_patient(self, pat: dict[str, Any]) -> None:
+        if self._gate is not None and not self._gate(pat):
+            return
+        pid = pat.get("id")
+        if not isinstance(pid, str):
+            self.report.reject(v.INVALID_RESOURCE, "Patient without id")
+            return
+        if pid in self._patients:
+            self.report.reject(v.DUPLICATE, f"Patient/{pid}")
+            return
+        birth = pat.get("birthDate")
+        b = to_days(birth) if birth is not None else None
+        if birth is not None and b is None:
+            self.report.reject(v.BAD_DATE, f"Patient/{pid}: birthDate {birth!r}")
+            return
+        gender = pat.get("gender")
+        sex = 1.0 if gender == "male" else 0.0 if gender == "female" else float("nan")
+        self._patients[pid] = (float("nan") if b is None else b, sex)
+        if pid not in self._pid_index:
+            self._pid_index[pid] = len(self._pid_index)
+        self.report.accepted["Patient"] += 1
+
+    def _is_label_code(self, system: object, code: object) -> bool:
+        if (system, code) in self._label_exact:
+            return True
+        if not isinstance(code, str):
+            return False
+        return any(system == s and code.startswith(c) for s, c in self._label_prefix)
+
+    def _add_condition(self, cond: dict[str, Any]) -> None:
+        codings = (cond.get("code") or {}).get("coding") or ()
+        if not any(self._is_label_code(c.get("system"), c.get("code")) for c in codings):
+            self.report.ignored += 1
+            return
+        if self._gate is not None and not self._gate(cond):
+            return
+        rid = cond.get("id")
+        ver = cond.get("verificationStatus")
+        if ver and any(c.get("code") in EXCLUDED_VERIFICATION for c in ver.get("coding") or ()):
+            self.report.reject(v.STATUS_EXCLUDED, f"Condition/{rid}")
+            return
+        subject = cond.get("subject")
+        pid = _ref_id(subject.get("reference")) if subject else None
+        if pid is None:
+            self.report.reject(v.NO_SUBJECT, f"Condition/{rid}")
+            return
+        onset = cond.get("onsetDateTime")
+        if onset is None:
+            period = cond.get("onsetPeriod")
+            onset = period.get("start") if period else cond.get("recordedDate")
+        t = to_days(onset)
+        if t is None:
+            # Without an onset we cannot tell whether it leaks past the horizon: leave it out.
+            self.report.reject(v.NO_ONSET, f"Condition/{rid}")
+            return
+        prev = self._onset.get(pid)
+        if prev is None or t < prev:
+            self._onset[pid] = t
+        self.report.accepted["Condition"] += 1
+
+    # ---------------- table ----------------
+
+    def build(self) -> FeatureTable:
+        spec = self.spec
+        report = self.report
+        rows = sorted(self._patients)
+        n_all = len(self._pid_index)
+        # pid index (arrival order) -> row (sorted id order), -1 for patients without a Patient resource
+        to_row = np.full(n_all, -1, dtype=np.int64)
+        for r, pid in enumerate(rows):
+            to_row[self._pid_index[pid]] = r
+        arrays = []
+        for feat in self._features:
+            P = to_row[np.asarray(feat.pids, dtype=np.int64)] if feat.pids else np.empty(0, np.int64)
+            T = np.asarray(feat.times, dtype=np.float64)
+            V = np.asarray(feat.values, dtype=np.float64)
+            orphan = int((P < 0).sum())
+            if orphan:
+                report.reject(v.UNKNOWN_PATIENT, f"{orphan} {feat.defn.name} values of unknown patients")
+                report.rejected[v.UNKNOWN_PATIENT] += orphan - 1
+                keep = P >= 0
+                P, T, V = P[keep], T[keep], V[keep]
+            order = np.lexsort((V, T, P))
+            arrays.append((P[order], T[order], V[order]))
+        n = len(rows)
+        index = self._index_days(rows, arrays)
+        birth = np.array([self._patients[p][0] for p in rows], dtype=np.float64)
+        sex = np.array([self._patients[p][1] for p in rows], dtype=np.float64)
+        onset = np.array([self._onset.get(p, np.nan) for p in rows], dtype=np.float64)
+        keep = ~np.isnan(index)
+        report.dropped_patients["no_index_date"] += int((~keep).sum())
+        born_after = keep & (birth > index)
+        report.dropped_patients["born_after_index"] += int(born_after.sum())
+        keep &= ~born_after
+        horizon = index + spec.label.horizon_days
+        y_all = (onset <= horizon).astype(np.int32)  # NaN onset compares False
+        if spec.label.exclude_prevalent:
+            prevalent = keep & (onset <= index)
+            report.dropped_patients["prevalent_at_index"] += int(prevalent.sum())
+            keep &= ~prevalent
+        for k in [k for k, c in report.dropped_patients.items() if c == 0]:
+            del report.dropped_patients[k]
+
+        cols: list[npt.NDArray[np.float64]] = []
+        names: list[str] = []
+        units: list[str | None] = []
+        if spec.demographics.age:
+            cols.append((index - birth) / DAYS_PER_YEAR)
+            names.append("age")
+            units.append("a")
+        if spec.demographics.sex:
+            cols.append(sex)
+            names.append("sex_male")
+            units.append(None)
+        for feat, (P, T, V) in zip(self._features, arrays, strict=True):
+            window = feat.defn.window_days or spec.lookback_days
+            cols.append(aggregate(P, T, V, index, window, feat.defn.aggregation, n))
+            names.append(feat.defn.name)
+            units.append("1" if feat.defn.aggregation == "count" else feat.unit)
+        raw = np.stack(cols, axis=1) if cols else np.zeros((n, 0))
+        raw = raw[keep]
+        can_miss = [u != "1" for u in units]  # counts are never missing
+        X, ind_names = impute(raw, names, spec.imputation.strategy, spec.imputation.indicators, can_miss)
+        kept_ids = [p for p, k in zip(rows, keep.tolist(), strict=True) if k]
+        table = FeatureTable(
+            X=X.astype(np.float32),
+            y=y_all[keep],
+            columns=names + ind_names,
+            units=units + [None] * len(ind_names),
+            patient_ids=kept_ids,
+            index_days=index[keep],
+            spec_hash=spec.spec_hash(),
+            spec_name=spec.name,
+            label_name=spec.label.name,
+            report=report,
+        )
+        if report.total_rejected:
+            log.warning(
+                "feature table %s: %d rows, %d resources rejected %s",
+                spec.name,
+                table.n_rows,
+                report.total_rejected,
+                dict(report.rejected),
+            )
+        return table
+
+    def _index_days(
+        self, rows: list[str], arrays: list[tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]]
+    ) -> npt.NDArray[np.float64]:
+        rule = self.spec.index_date
+        n = len(rows)
+        if rule.rule == "fixed":
+            assert rule.date is not None
+            return np.full(n, date_to_days(rule.date), dtype=np.float64)
+        last = np.full(n, -np.inf)
+        for P, T, _ in arrays:
+            if len(P):
+                np.maximum.at(last, P, T)
+        last[np.isinf(last)] = np.nan
+        return last - rule.offset_days
+
+
+def aggregate(
+    P: npt.NDArray[np.int64],
+    T: npt.NDArray[np.float64],
+    V: npt.NDArray[np.float64],
+    index: npt.NDArray[np.float64],
+    window_days: float,
+    how: str,
+    n: int,
+) -> npt.NDArray[np.float64]:
+    """One column from records (row P, time T, value V) sorted by (P, T, V): values with
+    index - window < T <= index are aggregated per row; rows without any get NaN (count: 0)."""
+    if len(P):
+        ix = index[P]
+        lo = ix - window_days
+        m = (lo < T) & (ix >= T)
+        P, V = P[m], V[m]
+    counts = np.bincount(P, minlength=n).astype(np.float64)
+    if how == "count":
+        return counts
+    out = np.full(n, np.nan)
+    if not len(P):
+        return out
+    has = counts > 0
+    if how == "mean":
+        out[has] = np.bincount(P, weights=V, minlength=n)[has] / counts[has]
+    elif how == "latest":
+        last = np.flatnonzero(np.r_[P[1:] != P[:-1], True])  # sorted by (P, T, V): last of each run
+        out[P[last]] = V[last]
+    elif how == "min":
+        first = np.flatnonzero(np.r_[True, P[1:] != P[:-1]])
+        out[P[first]] = np.minimum.reduceat(V, first)
+    elif how == "max":
+        first = np.flatnonzero(np.r_[True, P[1:] != P[:-1]])
+        out[P[first]] = np.maximum.reduceat(V, first)
+    else:
+        raise ValueError(f"unknown aggregation {how!r}")
+    return out
+
+
+def impute(
+    raw: npt.NDArray[np.float64],
+    names: list[str],
+    strategy: str,
+    indicators: bool,
+    can_miss: list[bool] | None = None,
+) -> tuple[npt.NDArray[np.float64], list[str]]:
+    """Fill NaN by column mean (or zero); append a 0/1 `<name>_missing` column for each column that can be
+    missing (can_miss), whether or not this site has gaps, so every site gets the same columns."""
+    X = raw.copy()
+    miss = np.isnan(X)
+    ind_names: list[str] = []
+    ind_cols: list[npt.NDArray[np.float64]] = []
+    for j, name in enumerate(names):
+        col = miss[:, j]
+        fill = float(X[~col, j].mean()) if strategy == "mean" and (~col).any() else 0.0
+        X[col, j] = fill
+        if indicators and (can_miss is None or can_miss[j]):
+            ind_names.append(f"{name}_missing")
+            ind_cols.append(col.astype(np.float64))
+    if ind_cols:
+        X = np.concatenate([X, np.stack(ind_cols, axis=1)], axis=1)
+    return X, ind_names
+
+
+def build_feature_table(
+    resources: Iterable[dict[str, Any]] | Any,
+    spec: FeatureSpec,
+    *,
+    strict: bool = False,
+    report: IngestReport | None = None,
+) -> FeatureTable:
+    """Build a FeatureTable from a ResourceSource (anything with iter_resources) or an iterable of dicts."""
+    builder = FeatureBuilder(spec, strict=strict, report=report)
+    if hasattr(resources, "iter_resources"):
+        resources = resources.iter_resources(USED_TYPES, report=builder.report)
+    builder.add_all(resources)
+    return builder.build()
