@@ -11,9 +11,9 @@ Time rules (see docs/fhir.md):
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
-import datetime as dt
 from pathlib import Path
 from typing import Literal
 
