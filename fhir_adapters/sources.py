@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import gzip
 import logging
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import orjson
 
 from . import validation as v
 from .errors import SourceError
 from .validation import IngestReport
+
+if TYPE_CHECKING:
+    from .client import FhirClient
+    from .featurespec import FeatureSpec
 
 log = logging.getLogger("fhir_adapters.sources")
 
@@ -148,3 +152,36 @@ class ListSource:
         for r in self.resources:
             if types is None or r.get("resourceType") in types:
                 yield r
+
+
+class FhirSearchSource:
+    """Resources from a FHIR server's REST search, page by page (following the server's next links).
+
+    `params` narrows each type's search, e.g. from `search_params_for(spec)` so only the spec's
+    Observation codes are fetched."""
+
+    def __init__(
+        self,
+        client: FhirClient,
+        *,
+        params: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+        count: int = 500,
+    ) -> None:
+        self.client = client
+        self.params = dict(params or {})
+        self.count = count
+
+    def iter_resources(
+        self, types: Collection[str] | None = None, report: IngestReport | None = None
+    ) -> Iterator[dict[str, Any]]:
+        if types is None:
+            raise SourceError("a FHIR search source needs the resource types to fetch", hint="pass types")
+        for rtype in types:
+            yield from self.client.search(rtype, self.params.get(rtype), count=self.count)
+
+
+def search_params_for(spec: FeatureSpec) -> dict[str, list[tuple[str, str]]]:
+    """Server-side filters for a spec: Observations by the spec's codes. Conditions are not filtered by
+    code because ICD-10 label codes match by prefix, which token search cannot express."""
+    codes = sorted(spec.observation_codes())
+    return {"Observation": [("code", ",".join(f"{s}|{c}" for s, c in codes))]}
