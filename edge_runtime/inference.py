@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -55,12 +56,20 @@ class InputQuantization:
     output_zero_point: int
     dtype: str = "int8"
 
+    @cached_property
+    def _affine(self) -> tuple[np.ndarray, np.ndarray]:
+        # q = x * a + c with a = 1 / (std * scale), c = zero_point - mean * a: one multiply-add per value.
+        a = 1.0 / (np.asarray(self.std, np.float64) * self.scale)
+        c = self.zero_point - np.asarray(self.mean, np.float64) * a
+        return a.astype(np.float32), c.astype(np.float32)
+
     def quantize(self, X: np.ndarray) -> np.ndarray:
-        z = (np.asarray(X, np.float32) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        v = z.astype(np.float64) / self.scale
-        # Round half away from zero, as TFLite's own Quantize op does.
-        q = np.sign(v) * np.floor(np.abs(v) + 0.5) + self.zero_point
-        return np.clip(q, -128, 127).astype(np.int8)
+        a, c = self._affine
+        v = np.asarray(X, np.float32) * a
+        v += c
+        np.rint(v, out=v)
+        np.clip(v, -128, 127, out=v)
+        return v.astype(np.int8)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         return (q.astype(np.float64) - self.output_zero_point) * self.output_scale
