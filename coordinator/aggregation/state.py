@@ -27,8 +27,12 @@ def encode_state(state: Mapping[str, np.ndarray | float | int | str]) -> bytes:
         if array.dtype == object:
             raise AggregationError("FHAI-A007", f"state entry {key!r} is not numeric or text and cannot be saved")
         arrays[key] = array
+    # The .npz layout np.savez writes, built here so any key is allowed (savez reserves "file").
     buffer = io.BytesIO()
-    np.savez(buffer, allow_pickle=False, **arrays)
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for key, array in arrays.items():
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
     return buffer.getvalue()
 
 
