@@ -136,6 +136,7 @@ class FeatureBuilder:
         self._patients: dict[str, tuple[float, float]] = {}  # id -> (birth days or nan, sex_male or nan)
         self._onset: dict[str, float] = {}  # id -> earliest onset of a label condition
         self._seen_obs: set[str] = set()
+        self._obs_per_pid: list[int] = []  # accepted Observations per pid index (to count orphans once)
 
     # ---------------- hot loop ----------------
 
@@ -233,14 +234,20 @@ class FeatureBuilder:
                 report.reject(v.DUPLICATE, f"Observation/{rid}")
                 return
             self._seen_obs.add(rid)
-        p = self._pid_index.get(pid)
-        if p is None:
-            p = self._pid_index[pid] = len(self._pid_index)
+        p = self._pid(pid)
+        self._obs_per_pid[p] += 1
         for feat, val in out:
             feat.pids.append(p)
             feat.times.append(t)
             feat.values.append(val)
         report.accepted["Observation"] += 1
+
+    def _pid(self, pid: str) -> int:
+        p = self._pid_index.get(pid)
+        if p is None:
+            p = self._pid_index[pid] = len(self._pid_index)
+            self._obs_per_pid.append(0)
+        return p
 
     def _add_patient(self, pat: dict[str, Any]) -> None:
         if self._gate is not None and not self._gate(pat):
@@ -260,8 +267,7 @@ class FeatureBuilder:
         gender = pat.get("gender")
         sex = 1.0 if gender == "male" else 0.0 if gender == "female" else float("nan")
         self._patients[pid] = (float("nan") if b is None else b, sex)
-        if pid not in self._pid_index:
-            self._pid_index[pid] = len(self._pid_index)
+        self._pid(pid)
         self.report.accepted["Patient"] += 1
 
     def _is_label_code(self, system: object, code: object) -> bool:
@@ -313,15 +319,18 @@ class FeatureBuilder:
         to_row = np.full(n_all, -1, dtype=np.int64)
         for r, pid in enumerate(rows):
             to_row[self._pid_index[pid]] = r
+        orphans = [pid for pid, p in self._pid_index.items() if to_row[p] < 0 and self._obs_per_pid[p]]
+        for pid in orphans:
+            n_obs = self._obs_per_pid[self._pid_index[pid]]
+            report.reject(v.UNKNOWN_PATIENT, f"{n_obs} Observations of Patient/{pid}, which is not in the data")
+            report.rejected[v.UNKNOWN_PATIENT] += n_obs - 1
+            report.accepted["Observation"] -= n_obs
         arrays = []
         for feat in self._features:
             P = to_row[np.asarray(feat.pids, dtype=np.int64)] if feat.pids else np.empty(0, np.int64)
             T = np.asarray(feat.times, dtype=np.float64)
             V = np.asarray(feat.values, dtype=np.float64)
-            orphan = int((P < 0).sum())
-            if orphan:
-                report.reject(v.UNKNOWN_PATIENT, f"{orphan} {feat.defn.name} values of unknown patients")
-                report.rejected[v.UNKNOWN_PATIENT] += orphan - 1
+            if orphans:
                 keep = P >= 0
                 P, T, V = P[keep], T[keep], V[keep]
             order = np.lexsort((V, T, P))
