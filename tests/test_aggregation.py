@@ -189,6 +189,23 @@ def test_trimmed_mean_strategy_is_scipy_trim_mean(tmp_path: Path) -> None:
     np.testing.assert_array_max_ulp(got, expected.astype(np.float32), maxulp=1)
 
 
+def test_robust_statistics_leave_their_input_alone() -> None:
+    for values in (_updates(9)[0], _updates(9, n=1)[0], _updates(1)[0]):
+        before = values.copy()
+        agg_math.coordinate_median(values)
+        agg_math.trimmed_mean(values, 0.2)
+        np.testing.assert_array_equal(values, before)
+
+
+@pytest.mark.parametrize(("k", "width"), [(1, 5), (4, 1), (3, 1000)])
+def test_spill_accumulator_with_one_update_or_one_parameter_per_chunk(k: int, width: int, tmp_path: Path) -> None:
+    deltas, weights = _updates(k)
+    with SpillAccumulator(N_PARAMS, agg_math.coordinate_median, tmp_path, chunk_bytes=k * 4 * width) as acc:
+        for delta, weight in zip(deltas, weights, strict=True):
+            acc.add(delta, weight)
+        np.testing.assert_array_equal(acc.result(), np.median(deltas.astype(np.float64), axis=0))
+
+
 @pytest.mark.parametrize("statistic", ["median", "trimmed"])
 def test_spill_file_chunks_equal_the_in_memory_answer(statistic: str, tmp_path: Path) -> None:
     deltas, weights = _updates(33, n=1009)
