@@ -517,3 +517,13 @@ def test_robust_strategies_resist_a_few_huge_poisoned_updates(tmp_path: Path) ->
     assert error({"name": "coordinate_median"}) < 0.15
     assert error({"name": "trimmed_mean", "beta": 0.15}) < 0.15  # drops int(0.15 * 30) = 4 per side
     assert error({"name": "clipped", "max_norm": 2.0, "inner": "fedavg"}) < 3.0  # bounded, not removed
+
+
+def test_trimmed_mean_warns_when_it_trims_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    strategy = build_strategy({"name": "trimmed_mean", "beta": 0.1})
+    with caplog.at_level("WARNING", logger="coordinator.aggregation.trimmed_mean"):
+        _run_round(strategy, _global(), *_updates(9), tmp_path)
+        assert "trims nothing from 9 updates" in caplog.text
+        caplog.clear()
+        _run_round(strategy, _global(), *_updates(10), tmp_path)
+        assert caplog.text == ""

@@ -6,6 +6,7 @@ many poisoned updates per side cannot pull a parameter outside the honest ones' 
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from coordinator.aggregation import math as agg_math
 from coordinator.aggregation.accumulators import SpillAccumulator
 from coordinator.aggregation.base import Strategy, UpdateAccumulator
 from coordinator.aggregation.median import RobustConfig
+
+log = logging.getLogger(__name__)
 
 
 class TrimmedMeanConfig(RobustConfig):
@@ -33,4 +36,12 @@ class TrimmedMean(Strategy):
 
     def aggregate(self, global_params: np.ndarray, accumulator: UpdateAccumulator) -> np.ndarray:
         params = self._check_round(global_params, accumulator)
+        if self.config.beta > 0 and agg_math.n_trimmed(accumulator.count, self.config.beta) == 0:
+            log.warning(
+                "trimmed_mean with beta=%g trims nothing from %d updates (a plain mean, not robust): "
+                "raise beta to at least %.3g or the round's quorum",
+                self.config.beta,
+                accumulator.count,
+                1 / accumulator.count,
+            )
         return agg_math.apply_delta(params, accumulator.result())
