@@ -115,7 +115,7 @@ class SmartBackendAuth:
         self.assertion_lifetime = assertion_lifetime
         self._clock = clock
         self._token: str | None = None
-        self._expires_at = 0.0
+        self._refresh_at = 0.0
         self._lock = threading.Lock()
         self.tokens_fetched = 0  # observable for tests and logs
 
@@ -163,13 +163,15 @@ class SmartBackendAuth:
             )
         body = r.json()
         self._token = str(body["access_token"])
-        self._expires_at = self._clock() + float(body.get("expires_in", 300))
+        lifetime = float(body.get("expires_in", 300))
+        # refresh `refresh_margin` early, but never in the first half of a short-lived token's life
+        self._refresh_at = self._clock() + lifetime - min(self.refresh_margin, lifetime / 2)
         self.tokens_fetched += 1
         log.info("SMART access token fetched for %s (expires in %ss)", self.client_id, body.get("expires_in"))
 
     def headers(self, http: httpx.Client) -> dict[str, str]:
         with self._lock:
-            if self._token is None or self._clock() >= self._expires_at - self.refresh_margin:
+            if self._token is None or self._clock() >= self._refresh_at:
                 self._fetch(http)
             return {"Authorization": f"Bearer {self._token}"}
 

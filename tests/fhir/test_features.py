@@ -29,23 +29,50 @@ def spec(**over: Any) -> FeatureSpec:
         "index_date": {"rule": "fixed", "date": INDEX.isoformat()},
         "lookback_days": 100,
         "features": [
-            {"name": "glu_latest", "codes": [{"system": LOINC, "code": "2339-0"}], "unit": "mg/dL",
-             "analyte": "glucose", "aggregation": "latest"},
-            {"name": "glu_mean", "codes": [{"system": LOINC, "code": "2339-0"}], "unit": "mg/dL",
-             "analyte": "glucose", "aggregation": "mean"},
-            {"name": "glu_min", "codes": [{"system": LOINC, "code": "2339-0"}], "unit": "mg/dL",
-             "analyte": "glucose", "aggregation": "min"},
-            {"name": "glu_max", "codes": [{"system": LOINC, "code": "2339-0"}], "unit": "mg/dL",
-             "analyte": "glucose", "aggregation": "max"},
+            {
+                "name": "glu_latest",
+                "codes": [{"system": LOINC, "code": "2339-0"}],
+                "unit": "mg/dL",
+                "analyte": "glucose",
+                "aggregation": "latest",
+            },
+            {
+                "name": "glu_mean",
+                "codes": [{"system": LOINC, "code": "2339-0"}],
+                "unit": "mg/dL",
+                "analyte": "glucose",
+                "aggregation": "mean",
+            },
+            {
+                "name": "glu_min",
+                "codes": [{"system": LOINC, "code": "2339-0"}],
+                "unit": "mg/dL",
+                "analyte": "glucose",
+                "aggregation": "min",
+            },
+            {
+                "name": "glu_max",
+                "codes": [{"system": LOINC, "code": "2339-0"}],
+                "unit": "mg/dL",
+                "analyte": "glucose",
+                "aggregation": "max",
+            },
             {"name": "glu_n", "codes": [{"system": LOINC, "code": "2339-0"}], "aggregation": "count"},
             {"name": "weight", "codes": [{"system": LOINC, "code": "29463-7"}], "unit": "kg", "window_days": 10},
-            {"name": "sbp", "codes": [{"system": LOINC, "code": "85354-9"}],
-             "component": [{"system": LOINC, "code": "8480-6"}], "unit": "mm[Hg]", "aggregation": "mean"},
+            {
+                "name": "sbp",
+                "codes": [{"system": LOINC, "code": "85354-9"}],
+                "component": [{"system": LOINC, "code": "8480-6"}],
+                "unit": "mm[Hg]",
+                "aggregation": "mean",
+            },
         ],
         "label": {
             "name": "t2dm",
-            "codes": [{"system": "http://snomed.info/sct", "code": "44054006"},
-                      {"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "E11"}],
+            "codes": [
+                {"system": "http://snomed.info/sct", "code": "44054006"},
+                {"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "E11"},
+            ],
             "horizon_days": 365,
         },
     }
@@ -140,11 +167,16 @@ def test_component_values() -> None:
 
 def test_label_counts_onset_up_to_horizon_only() -> None:
     res = [
-        patient("in"), cond("in", day(365, "T00:00:00Z")),  # exactly at the horizon: counts
-        patient("late"), cond("late", day(365, "T00:00:01Z")),  # after the horizon: must not count
-        patient("before"), cond("before", day(-400)),  # prevalent: counts unless excluded
-        patient("icd"), cond("icd", day(10), "E11.9", "http://hl7.org/fhir/sid/icd-10-cm"),  # ICD-10 by prefix
-        patient("snomed_prefix"), cond("snomed_prefix", day(10), "440540061"),  # SNOMED is exact
+        patient("in"),
+        cond("in", day(365, "T00:00:00Z")),  # exactly at the horizon: counts
+        patient("late"),
+        cond("late", day(365, "T00:00:01Z")),  # after the horizon: must not count
+        patient("before"),
+        cond("before", day(-400)),  # prevalent: counts unless excluded
+        patient("icd"),
+        cond("icd", day(10), "E11.9", "http://hl7.org/fhir/sid/icd-10-cm"),  # ICD-10 by prefix
+        patient("snomed_prefix"),
+        cond("snomed_prefix", day(10), "440540061"),  # SNOMED is exact
         patient("none"),
     ]
     t = build_feature_table(ListSource(res), spec())
@@ -153,8 +185,14 @@ def test_label_counts_onset_up_to_horizon_only() -> None:
 
 
 def test_exclude_prevalent_drops_patients_diagnosed_before_index() -> None:
-    s = spec(label={"name": "t2dm", "codes": [{"system": "http://snomed.info/sct", "code": "44054006"}],
-                    "horizon_days": 365, "exclude_prevalent": True})
+    s = spec(
+        label={
+            "name": "t2dm",
+            "codes": [{"system": "http://snomed.info/sct", "code": "44054006"}],
+            "horizon_days": 365,
+            "exclude_prevalent": True,
+        }
+    )
     res = [patient("before"), cond("before", day(-1)), patient("after"), cond("after", day(5)), patient("x")]
     t = build_feature_table(ListSource(res), s)
     assert t.patient_ids == ["after", "x"] and t.y.tolist() == [1, 0]
