@@ -1,0 +1,189 @@
+"""`fhai-coordinator`: run a federated task, watch it, manage devices, and the demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from coordinator.store import Store as StoreClass
+from edge_runtime.console import console, friendly_errors, parse_broker, setup_logging
+
+app = typer.Typer(help="FH-AI coordinator: rounds, aggregation, model export.")
+devices_app = typer.Typer(help="Enrolled devices")
+app.add_typer(devices_app, name="devices")
+
+Store = Annotated[str, typer.Option("--store", help="SQLAlchemy URL of the coordinator store")]
+WorkDir = Annotated[Path, typer.Option("--work-dir", help="Coordinator key, spill files and logs")]
+DEFAULT_STORE = "sqlite:///state/coordinator/fhai.db"
+
+
+def _open_store(url: str) -> StoreClass:
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return StoreClass(url)
+
+
+@app.command()
+@friendly_errors
+def key(work_dir: WorkDir = Path("state/coordinator")) -> None:
+    """Print the coordinator's public key (devices need it to trust announcements); creates it if missing."""
+    from edge_runtime.keys import load_or_create_signing_key, public_hex
+
+    print(public_hex(load_or_create_signing_key(work_dir / "coordinator.key")))
+
+
+@app.command()
+@friendly_errors
+def run(
+    task_file: Annotated[Path, typer.Argument(help="Task YAML (see firmware_configs/tasks/)")],
+    store: Store = DEFAULT_STORE,
+    work_dir: WorkDir = Path("state/coordinator"),
+    broker: Annotated[str, typer.Option(help="MQTT broker HOST:PORT")] = "127.0.0.1:1883",
+    username: Annotated[str | None, typer.Option(help="MQTT username")] = None,
+    password_file: Annotated[Path | None, typer.Option(help="File with the MQTT password")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="CA certificate: connect with TLS")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of the metrics per round here")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Run (or resume) the task in TASK_FILE until its last round is committed."""
+    from coordinator.report import metric_rows, plot_rounds, rounds_table
+    from coordinator.service import CoordinatorService
+    from coordinator.task import load_task
+    from edge_runtime.keys import load_or_create_signing_key
+    from edge_runtime.mqtt import BrokerSettings
+
+    setup_logging(work_dir / "coordinator.log", verbose)
+    task = load_task(task_file)
+    db = _open_store(store)
+    host, port = parse_broker(broker)
+    settings = BrokerSettings(
+        host,
+        port,
+        username=username,
+        password=password_file.read_text().strip() if password_file else None,
+        ca_file=str(tls_ca) if tls_ca else None,
+    )
+    service = CoordinatorService(db, task, load_or_create_signing_key(work_dir / "coordinator.key"), settings, work_dir)
+    with Live(console=console, refresh_per_second=4) as live:
+        status = service.run(on_tick=lambda m: live.update(status_line(m.status(), task.rounds)))
+    rows = metric_rows(db.evaluations(task.task))
+    console.print(rounds_table(rows))
+    if plot is not None:
+        console.print(f"plot: {plot_rounds(rows, plot, task.task)}")
+    if status != "done":
+        console.print(f"[bold red]task {task.task} ended as {status}[/]: see {work_dir / 'coordinator.log'}")
+        raise typer.Exit(1)
+
+
+def status_line(s: dict[str, object], rounds: int) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_row(
+        f"[bold]{s['task']}[/]",
+        f"round {s['round']}/{rounds} ({s['phase']}, {s['status']})",
+        f"updates {s['accepted']}/{s['cohort']}",
+        f"online {s['online']}",
+        f"model {s['model_version']}",
+    )
+    return grid
+
+
+@app.command()
+@friendly_errors
+def status(
+    task: Annotated[str, typer.Argument(help="Task id")],
+    store: Store = DEFAULT_STORE,
+) -> None:
+    """Rounds, metrics and rejected updates of a task (read from the store; safe while it runs)."""
+    from coordinator.report import metric_rows, rounds_table
+
+    db = _open_store(store)
+    if db.get_task(task) is None:
+        raise typer.BadParameter(f"no task {task!r} in {store}")
+    table = Table(title=f"Rounds of {task}")
+    for col in ("round", "phase", "status", "cohort", "accepted", "extensions"):
+        table.add_column(col)
+    for r in db.rounds(task):
+        table.add_row(
+            str(r.round),
+            r.phase,
+            r.status,
+            str(len(json.loads(r.cohort))),
+            str(len(db.accepted_devices(task, r.round))),
+            str(r.extensions),
+        )
+    console.print(table)
+    console.print(rounds_table(metric_rows(db.evaluations(task))))
+    rejected = db.rejections(task)
+    if rejected:
+        rej = Table(title="Rejected updates")
+        for col in ("round", "device", "code", "reason"):
+            rej.add_column(col)
+        for x in rejected[-20:]:
+            rej.add_row(str(x.round), x.device_id, x.code, x.reason)
+        console.print(rej)
+
+
+@devices_app.command("add")
+@friendly_errors
+def devices_add(
+    device_id: Annotated[str, typer.Argument()],
+    public_key: Annotated[str, typer.Option(help="The device's Ed25519 public key (hex), from `fhai-edge init`")],
+    site: Annotated[str, typer.Option(help="Hospital / site name")] = "",
+    store: Store = DEFAULT_STORE,
+) -> None:
+    """Register a device's signing key (enrollment without the MQTT token flow)."""
+    from edge_runtime.keys import public_from_hex
+    from edge_runtime.wire import check_device_id
+
+    check_device_id(device_id)
+    public_from_hex(public_key)
+    _open_store(store).add_device(device_id, public_key, site)
+    console.print(f"device {device_id} added")
+
+
+@devices_app.command("list")
+@friendly_errors
+def devices_list(store: Store = DEFAULT_STORE) -> None:
+    table = Table(title="Devices")
+    for col in ("device", "site", "public key", "state"):
+        table.add_column(col)
+    for d in _open_store(store).devices():
+        table.add_row(d.id, d.site, d.public_key[:16] + "...", "revoked" if d.revoked_at else "enrolled")
+    console.print(table)
+
+
+@devices_app.command("revoke")
+@friendly_errors
+def devices_revoke(device_id: Annotated[str, typer.Argument()], store: Store = DEFAULT_STORE) -> None:
+    """Stop accepting anything signed by DEVICE_ID."""
+    if not _open_store(store).revoke_device(device_id):
+        raise typer.BadParameter(f"no device {device_id!r}")
+    console.print(f"device {device_id} revoked")
+
+
+@app.command()
+@friendly_errors
+def demo(
+    rounds: Annotated[int, typer.Option(min=1, max=200, help="Training rounds")] = 10,
+    bits: Annotated[int, typer.Option(help="Update quantization: 4, 8 or 32 bits")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic hospitals")] = 7,
+    broker: Annotated[str | None, typer.Option(help="Use this MQTT broker HOST:PORT instead of starting one")] = None,
+    out: Annotated[Path, typer.Option(help="Working folder (wiped first)")] = Path("runs/demo"),
+    docs: Annotated[Path, typer.Option(help="Where the figures and plots go")] = Path("docs/benchmarks"),
+) -> None:
+    """Five synthetic non-IID hospitals, five edge processes, one coordinator, a real Mosquitto."""
+    from coordinator.demo import run_demo
+
+    if bits not in (4, 8, 32):
+        raise typer.BadParameter("--bits must be 4, 8 or 32")
+    setup_logging(out.parent / f"{out.name}.log")
+    run_demo(out, rounds=rounds, bits=bits, seed=seed, broker=parse_broker(broker) if broker else None, docs=docs)
+
+
+if __name__ == "__main__":
+    app()

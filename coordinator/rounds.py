@@ -1,0 +1,487 @@
+"""The round state machine of one task: open -> collecting -> aggregating -> committed.
+
+It owns no socket: frames come in through `handle_update` / `handle_eval`, time through `tick`, and
+everything it sends goes out through the `publish` callable. That keeps the MQTT shell thin and lets
+tests drive the machine directly. Every decision that must survive a crash is in the store first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from coordinator.aggregation import Strategy, UpdateAccumulator, build_strategy
+from coordinator.aggregation.state import decode_state, encode_state
+from coordinator.errors import CoordinatorError, RejectedUpdateError
+from coordinator.store import Evaluation, Round, Store, StoredUpdate
+from coordinator.task import TaskDefinition
+from edge_runtime import codec, wire
+from edge_runtime.keys import public_from_hex
+from edge_runtime.messages import (
+    Announcement,
+    EvalHeader,
+    StatsHeader,
+    UpdateHeader,
+    model_body,
+    parse_header,
+    stats_from_body,
+)
+from edge_runtime.metrics import HISTOGRAM_BINS
+from edge_runtime.model import Model, ModelSpec, Standardizer
+
+log = logging.getLogger("fhai.coordinator")
+
+Publisher = Callable[[str, bytes, bool], None]  # topic, payload, retain
+
+# Frame overhead beyond the codec body: prefix, header and signature.
+_FRAME_SLACK = 16 * 1024
+MAX_SAMPLES_PER_UPDATE = 50_000_000
+
+
+@dataclass
+class _Stats:
+    n: int = 0
+    n_features: int | None = None
+    total: np.ndarray | None = None
+    total_sq: np.ndarray | None = None
+
+    def add(self, n: int, n_features: int, total: np.ndarray, total_sq: np.ndarray) -> None:
+        if self.n_features is None:
+            self.n_features, self.total, self.total_sq = n_features, np.zeros(n_features), np.zeros(n_features)
+        assert self.total is not None and self.total_sq is not None
+        self.n += n
+        self.total += total
+        self.total_sq += total_sq
+
+
+@dataclass
+class RoundState:
+    """What the manager holds in memory for the open round; rebuilt from the store on restart."""
+
+    row: Round
+    cohort: list[str]
+    accumulator: UpdateAccumulator | None = None
+    stats: _Stats = field(default_factory=_Stats)
+    accepted: set[str] = field(default_factory=set)
+
+
+class RoundManager:
+    def __init__(
+        self,
+        store: Store,
+        task: TaskDefinition,
+        key: Ed25519PrivateKey,
+        publish: Publisher,
+        spill_dir: Path,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.task = task
+        self.key = key
+        self.publish = publish
+        self.spill_dir = spill_dir
+        self.clock = clock
+        self.strategy: Strategy = build_strategy(task.strategy)
+        self.spec_hash = task.spec().spec_hash()
+        self.model: Model | None = None
+        self.model_round = -1
+        self.state: RoundState | None = None
+        self.online: set[str] = set()
+        self._keys: dict[str, Ed25519PublicKey] = {}
+        self.rng = random.Random(task.seed)
+        self._quorum_since: float | None = None
+
+    # lifecycle -----------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        row = self.store.get_task(self.task.task)
+        return row is not None and row.status in ("done", "failed")
+
+    def start(self) -> None:
+        """Begin the task, or pick it up where a previous coordinator process left it."""
+        self.refresh_keys()
+        existing = self.store.get_task(self.task.task)
+        if existing is None:
+            self.store.add_task(self.task.task, self.task.model_dump_json())
+            log.info("task %s created", self.task.task)
+            return  # round 0 opens on the first tick with enough devices online
+        if json.loads(existing.definition) != json.loads(self.task.model_dump_json()):
+            raise CoordinatorError(
+                "FHAI-R001",
+                f"task {self.task.task} is already in the store with a different definition: "
+                "use a new task id, or the same YAML as before to resume",
+            )
+        self._load_checkpoint()
+        row = self.store.current_round(self.task.task)
+        if row is None or row.status in ("committed", "failed"):
+            return
+        self.state = RoundState(row, json.loads(row.cohort))
+        self._refold()
+        log.info(
+            "resumed task %s in round %d (%s) with %d accepted updates",
+            self.task.task,
+            row.round,
+            row.phase,
+            len(self.state.accepted),
+        )
+        self._announce()
+
+    def refresh_keys(self) -> None:
+        self._keys = {d: public_from_hex(k) for d, k in self.store.device_keys().items()}
+
+    def _load_checkpoint(self) -> None:
+        cp = self.store.latest_checkpoint(self.task.task)
+        if cp is None:
+            return
+        spec = ModelSpec.from_dict(json.loads(cp.spec))
+        n, d = spec.layout().size, spec.n_features
+        flat = np.frombuffer(cp.model, "<f4")
+        self.model = Model(spec, flat[:n].copy(), Standardizer(flat[n : n + d].copy(), flat[n + d :].copy()))
+        self.model_round = cp.round
+        self.strategy.load_state_dict(decode_state(cp.strategy_state))
+
+    # opening rounds ------------------------------------------------------------------------------
+    def _next_phase(self) -> tuple[int, str] | None:
+        if self.model is None:
+            return 0, "stats"
+        if self.model_round < self.task.rounds:
+            return self.model_round + 1, "train"
+        return None
+
+    def _eligible(self) -> list[str]:
+        return sorted(d for d in self.online if d in self._keys)
+
+    def _open(self, round_no: int, phase: str, extensions: int = 0) -> None:
+        eligible = self._eligible()
+        cohort = sorted(self.rng.sample(eligible, min(self.task.cohort_size, len(eligible))))
+        now = self.clock()
+        row = Round(
+            task_id=self.task.task,
+            round=round_no,
+            phase=phase,
+            status="collecting",
+            model_version=self.model.version() if self.model else "none",
+            cohort=json.dumps(cohort),
+            deadline=now + self.task.round_deadline_s,
+            extensions=extensions,
+            opened_at=now,
+        )
+        self.store.open_round(row)
+        self.state = RoundState(row, cohort)
+        self._new_accumulator()
+        log.info(
+            "round %d (%s) open: cohort %s, deadline in %.0fs", round_no, phase, cohort, self.task.round_deadline_s
+        )
+        self._announce()
+
+    def _new_accumulator(self) -> None:
+        assert self.state is not None
+        if self.state.row.phase == "train":
+            assert self.model is not None
+            spill = self.spill_dir / f"{self.task.task}-r{self.state.row.round}"
+            self.state.accumulator = self.strategy.new_accumulator(self.model.params.size, spill)
+
+    def _announce(self, final: bool = False) -> None:
+        """Publish (retained) the global model, then the announcement that refers to it."""
+        assert self.state is not None
+        row = self.state.row
+        if self.model is not None:
+            header = {
+                "task": self.task.task,
+                "round": self.model_round,
+                "model_version": self.model.version(),
+                "spec": self.model.spec.to_dict(),
+            }
+            frame = wire.encode_frame("model", wire.COORDINATOR, header, model_body(self.model), self.key)
+            self.publish(wire.model_topic(self.task.task), frame, True)
+        announcement = Announcement(
+            task=self.task.task,
+            round=row.round,
+            phase=row.phase,
+            model_version=row.model_version,
+            deadline=row.deadline,
+            cohort=self.state.cohort,
+            train=self.task.train,
+            train_required=self.strategy.client_config(row.round),
+            codec=self.task.codec,
+            feature_spec=self.task.feature_spec,
+            feature_spec_hash=self.spec_hash,
+            max_update_bytes=self.max_update_bytes(),
+            final=final,
+        )
+        frame = wire.encode_frame("announce", wire.COORDINATOR, announcement.model_dump(mode="json"), b"", self.key)
+        self.publish(wire.announce_topic(self.task.task), frame, True)
+
+    def max_update_bytes(self) -> int:
+        n = self.model.params.size if self.model is not None else 0
+        n_features = self.model.spec.n_features if self.model is not None else 4096
+        # Largest legitimate body: float32 passthrough of every parameter (or stats: two float64 vectors).
+        return max(4 * n, 16 * n_features) + _FRAME_SLACK
+
+    # incoming frames -----------------------------------------------------------------------------
+    def handle_update(self, topic: str, payload: bytes) -> bool:
+        """Validate, persist and fold one update or stats frame. Returns True if accepted.
+
+        Rejections are logged and stored with their reason; they never stop the round.
+        """
+        device = wire.device_from_topic(topic)
+        round_no = self.state.row.round if self.state else None
+        try:
+            update, header_round = self._validate(device, payload)
+        except (RejectedUpdateError, wire.WireError, codec.CodecError) as exc:
+            log.warning("rejected update from %s: %s", device, exc)
+            self.store.reject(self.task.task, round_no, device, exc.code, exc.message)
+            return False
+        assert self.state is not None
+        if not self.store.accept(self.task.task, header_round, update):
+            # A QoS 1 redelivery or a replay: the first copy already counts, this one must not.
+            log.info("duplicate update from %s for round %d ignored", device, header_round)
+            self.store.reject(self.task.task, header_round, device, "FHAI-R010", "duplicate of an accepted update")
+            return False
+        self._fold(update)
+        log.info(
+            "accepted %s from %s (%d samples), %d/%d",
+            update.kind,
+            device,
+            update.n_samples,
+            len(self.state.accepted),
+            len(self.state.cohort),
+        )
+        return True
+
+    def _validate(self, device: str, payload: bytes) -> tuple[StoredUpdate, int]:
+        if len(payload) > self.max_update_bytes():
+            raise RejectedUpdateError(
+                "FHAI-R002", f"payload of {len(payload)} bytes exceeds this task's limit of {self.max_update_bytes()}"
+            )
+        frame = wire.decode_frame(payload, self._keys.get, self.max_update_bytes())
+        if frame.sender != device:
+            raise RejectedUpdateError("FHAI-R003", f"frame signed by {frame.sender!r} arrived on {device!r}'s topic")
+        state = self.state
+        if state is None or state.row.status != "collecting":
+            raise RejectedUpdateError("FHAI-R004", "no round is collecting updates now")
+        row = state.row
+        if frame.header.get("task") != self.task.task:
+            raise RejectedUpdateError("FHAI-R005", f"update is for task {frame.header.get('task')!r}")
+        if frame.header.get("round") != row.round:
+            late = isinstance(frame.header.get("round"), int) and frame.header["round"] < row.round
+            raise RejectedUpdateError(
+                "FHAI-R006",
+                f"update is for round {frame.header.get('round')}, round {row.round} is open"
+                + (" (late: that round is closed)" if late else ""),
+            )
+        if device not in state.cohort:
+            raise RejectedUpdateError("FHAI-R007", f"device {device} is not in round {row.round}'s cohort")
+        if row.phase == "stats":
+            if frame.kind != "stats":
+                raise RejectedUpdateError("FHAI-R008", f"round {row.round} collects stats, got a {frame.kind} frame")
+            stats = parse_header(frame, StatsHeader)
+            if state.stats.n_features not in (None, stats.n_features):
+                raise RejectedUpdateError(
+                    "FHAI-R011",
+                    f"device has {stats.n_features} feature columns, others have {state.stats.n_features}: "
+                    "its feature spec differs from the task's",
+                )
+            stats_from_body(frame.body, stats.n_features)
+            return StoredUpdate(device, "stats", stats.n, None, frame.body), row.round
+        if frame.kind != "update":
+            raise RejectedUpdateError("FHAI-R008", f"round {row.round} collects updates, got a {frame.kind} frame")
+        header = parse_header(frame, UpdateHeader)
+        if header.model_version != row.model_version:
+            raise RejectedUpdateError(
+                "FHAI-R009", f"update was trained from model {header.model_version}, round uses {row.model_version}"
+            )
+        if header.n_samples > MAX_SAMPLES_PER_UPDATE:
+            raise RejectedUpdateError("FHAI-R012", f"implausible sample count {header.n_samples}")
+        assert self.model is not None
+        delta = codec.decode(frame.body, expected_n=self.model.params.size)
+        if not np.isfinite(delta).all():
+            raise RejectedUpdateError("FHAI-R013", "update holds non-finite values")
+        return StoredUpdate(device, "update", header.n_samples, header.train_loss, frame.body), row.round
+
+    def _fold(self, update: StoredUpdate) -> None:
+        assert self.state is not None
+        self.state.accepted.add(update.device_id)
+        if update.kind == "stats":
+            n_features = len(update.body) // 16
+            total, total_sq = stats_from_body(update.body, n_features)
+            self.state.stats.add(update.n_samples, n_features, total, total_sq)
+        else:
+            assert self.state.accumulator is not None and self.model is not None
+            self.state.accumulator.add(codec.decode(update.body, self.model.params.size), float(update.n_samples))
+
+    def _refold(self) -> None:
+        """After a restart: fold the round's accepted updates again, in their arrival order."""
+        assert self.state is not None
+        self._new_accumulator()
+        for update in self.store.accepted(self.task.task, self.state.row.round):
+            self._fold(update)
+
+    def handle_eval(self, topic: str, payload: bytes) -> bool:
+        device = wire.device_from_topic(topic)
+        try:
+            frame = wire.decode_frame(payload, self._keys.get, 64 * 1024)
+            if frame.sender != device or frame.kind != "eval":
+                raise RejectedUpdateError(
+                    "FHAI-R003", f"{frame.kind} frame from {frame.sender!r} on {device!r}'s eval topic"
+                )
+            header = parse_header(frame, EvalHeader)
+            if header.task != self.task.task:
+                raise RejectedUpdateError("FHAI-R005", f"evaluation is for task {header.task!r}")
+            if len(header.pos_hist) != HISTOGRAM_BINS or len(header.neg_hist) != HISTOGRAM_BINS:
+                raise RejectedUpdateError("FHAI-R014", f"score histograms must have {HISTOGRAM_BINS} bins")
+            if min(header.pos_hist + header.neg_hist) < 0:
+                raise RejectedUpdateError("FHAI-R014", "score histograms hold negative counts")
+        except (RejectedUpdateError, wire.WireError) as exc:
+            log.warning("rejected evaluation from %s: %s", device, exc)
+            self.store.reject(self.task.task, None, device, exc.code, exc.message)
+            return False
+        evaluation = Evaluation(
+            task_id=self.task.task,
+            round=header.round,
+            model_version=header.model_version,
+            device_id=device,
+            metrics=json.dumps(header.metrics),
+            pos_hist=np.asarray(header.pos_hist, "<i8").tobytes(),
+            neg_hist=np.asarray(header.neg_hist, "<i8").tobytes(),
+        )
+        return self.store.record_evaluation(evaluation)
+
+    def handle_status(self, topic: str, payload: bytes) -> None:
+        device = topic.split("/")[-2]
+        try:
+            online = json.loads(payload or b"{}").get("state") == "online"
+        except (ValueError, AttributeError):
+            online = False
+        if online:
+            self.online.add(device)
+        else:
+            self.online.discard(device)
+
+    # closing rounds ------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Advance on time: open the next round, or close the open one on quorum and deadline."""
+        if self.done:
+            return
+        if self.state is None or self.state.row.status == "committed":
+            nxt = self._next_phase()
+            if nxt is None:
+                self._open_final_eval()
+                return
+            if self._cohort_ready():
+                self._open(*nxt)
+            return
+        row = self.state.row
+        if row.phase == "eval":
+            if self.clock() >= row.deadline or self._final_evals_in():
+                self.store.update_round(self.task.task, row.round, status="committed", closed_at=self.clock())
+                self.store.set_task_status(self.task.task, "done")
+                log.info("task %s done", self.task.task)
+            return
+        everyone = set(self.state.cohort) <= self.state.accepted
+        past_deadline = self.clock() >= row.deadline
+        if everyone or (past_deadline and len(self.state.accepted) >= self.task.min_updates):
+            self._close()
+        elif past_deadline:
+            self._extend_or_fail()
+
+    def _cohort_ready(self) -> bool:
+        """Enough devices online to open a round: a full cohort, or the quorum after cohort_wait_s."""
+        n = len(self._eligible())
+        if n >= self.task.cohort_size:
+            return True
+        if n < self.task.min_updates:
+            self._quorum_since = None
+            return False
+        if self._quorum_since is None:
+            self._quorum_since = self.clock()
+        return self.clock() - self._quorum_since >= self.task.cohort_wait_s
+
+    def _extend_or_fail(self) -> None:
+        assert self.state is not None
+        row = self.state.row
+        if row.extensions >= self.task.deadline_extensions:
+            self.store.update_round(self.task.task, row.round, status="failed", closed_at=self.clock())
+            self.store.set_task_status(self.task.task, "failed")
+            log.error(
+                "round %d failed: %d of %d required updates by the deadline, after %d extensions",
+                row.round,
+                len(self.state.accepted),
+                self.task.min_updates,
+                row.extensions,
+            )
+            return
+        # Widen the cohort to whoever is online now, keep what was accepted, and give everyone more time.
+        cohort = sorted(set(self.state.cohort) | set(self._eligible()))
+        deadline = self.clock() + self.task.round_deadline_s
+        self.store.update_round(
+            self.task.task, row.round, deadline=deadline, extensions=row.extensions + 1, cohort=json.dumps(cohort)
+        )
+        row.deadline, row.extensions, row.cohort = deadline, row.extensions + 1, json.dumps(cohort)
+        self.state.cohort = cohort
+        log.warning("round %d missed its quorum: deadline extended (%d)", row.round, row.extensions)
+        self._announce()
+
+    def _close(self) -> None:
+        assert self.state is not None
+        row = self.state.row
+        self.store.update_round(self.task.task, row.round, status="aggregating")
+        if row.phase == "stats":
+            stats = self.state.stats
+            assert stats.n_features is not None and stats.total is not None and stats.total_sq is not None
+            standardizer = Standardizer.from_moments(stats.n, stats.total, stats.total_sq)
+            new = Model.create(self.task.model_spec(stats.n_features), self.task.seed, standardizer)
+        else:
+            assert self.model is not None and self.state.accumulator is not None
+            params = self.strategy.aggregate(self.model.params, self.state.accumulator)
+            new = Model(self.model.spec, params.astype(np.float32), self.model.standardizer)
+        self.store.commit_round(
+            self.task.task,
+            row.round,
+            new.version(),
+            json.dumps(new.spec.to_dict()),
+            model_body(new),
+            encode_state(self.strategy.state_dict()),
+            closed_at=self.clock(),
+        )
+        row.status = "committed"
+        if self.state.accumulator is not None:
+            self.state.accumulator.close()
+        self.model, self.model_round = new, row.round
+        log.info(
+            "round %d committed: model %s from %d contributions", row.round, new.version(), len(self.state.accepted)
+        )
+
+    def _open_final_eval(self) -> None:
+        assert self.model is not None
+        self._open(self.model_round + 1, "eval")
+        assert self.state is not None
+        self._announce(final=True)
+
+    def _final_evals_in(self) -> bool:
+        assert self.model is not None and self.state is not None
+        version = self.model.version()
+        reported = {e.device_id for e in self.store.evaluations(self.task.task) if e.model_version == version}
+        return set(self.state.cohort) <= reported
+
+    def status(self) -> dict[str, Any]:
+        row = self.state.row if self.state else None
+        return {
+            "task": self.task.task,
+            "round": row.round if row else None,
+            "phase": row.phase if row else None,
+            "status": row.status if row else "waiting",
+            "accepted": len(self.state.accepted) if self.state else 0,
+            "cohort": len(self.state.cohort) if self.state else 0,
+            "online": len(self.online),
+            "model_version": self.model.version() if self.model else None,
+        }

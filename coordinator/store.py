@@ -1,0 +1,330 @@
+"""What the coordinator must not forget, in SQLite (default) or PostgreSQL through SQLAlchemy.
+
+Accepted updates are stored with their encoded body before the broker is acknowledged, so a
+coordinator killed at any moment re-folds exactly the updates it had accepted when it restarts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from coordinator.errors import CoordinatorError
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(64))
+    site: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    definition: Mapped[str] = mapped_column(Text)  # the task as JSON
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running, done, failed
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("task_id", "round"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"))
+    round: Mapped[int] = mapped_column(Integer)
+    phase: Mapped[str] = mapped_column(String(8))
+    # open -> collecting -> aggregating -> committed (or failed)
+    status: Mapped[str] = mapped_column(String(16))
+    model_version: Mapped[str] = mapped_column(String(32))  # the global model this round starts from
+    cohort: Mapped[str] = mapped_column(Text)  # JSON list of device ids
+    deadline: Mapped[float] = mapped_column(Float)
+    extensions: Mapped[int] = mapped_column(Integer, default=0)
+    opened_at: Mapped[float] = mapped_column(Float, default=time.time)
+    closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class AcceptedUpdate(Base):
+    __tablename__ = "updates"
+    # One accepted contribution per (task, round, device): a QoS 1 redelivery is a no-op.
+    __table_args__ = (UniqueConstraint("task_id", "round", "device_id"),)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(64))
+    round: Mapped[int] = mapped_column(Integer)
+    device_id: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))  # update or stats
+    n_samples: Mapped[int] = mapped_column(Integer)
+    train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    received_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Rejection(Base):
+    __tablename__ = "rejections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(64))
+    round: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    code: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("task_id", "round"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(64))
+    round: Mapped[int] = mapped_column(Integer)  # the round whose commit produced this model
+    model_version: Mapped[str] = mapped_column(String(32))
+    spec: Mapped[str] = mapped_column(Text)
+    model: Mapped[bytes] = mapped_column(LargeBinary)  # edge_runtime.messages.model_body layout
+    strategy_state: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Evaluation(Base):
+    """One site's report on one global model: its metrics and score histograms (for pooled AUROC)."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (UniqueConstraint("task_id", "model_version", "device_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(64))
+    round: Mapped[int] = mapped_column(Integer)  # the round that produced the model (0: initial model)
+    model_version: Mapped[str] = mapped_column(String(32))
+    device_id: Mapped[str] = mapped_column(String(64))
+    metrics: Mapped[str] = mapped_column(Text)  # JSON
+    pos_hist: Mapped[bytes] = mapped_column(LargeBinary)  # int64 little-endian counts
+    neg_hist: Mapped[bytes] = mapped_column(LargeBinary)
+    at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    device_id: str
+    kind: str
+    n_samples: int
+    train_loss: float | None
+    body: bytes
+
+
+class Store:
+    """A thin shell over the database: each method is one transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = create_engine(url)
+        if url.startswith("sqlite"):
+            # WAL so the status CLI can read while the coordinator writes; sync on commit so an
+            # accepted update survives a SIGKILL.
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(conn: Any, _record: Any) -> None:
+                cur = conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.close()
+
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self._session()
+
+    # devices
+    def add_device(self, device_id: str, public_key: str, site: str = "") -> None:
+        with self.session() as s, s.begin():
+            existing = s.get(Device, device_id)
+            if existing is not None and existing.public_key != public_key and existing.revoked_at is None:
+                raise CoordinatorError(
+                    "FHAI-S001", f"device {device_id} is already enrolled with another key: revoke it first"
+                )
+            if existing is None:
+                s.add(Device(id=device_id, public_key=public_key, site=site))
+            else:
+                existing.public_key, existing.site, existing.revoked_at = public_key, site, None
+
+    def revoke_device(self, device_id: str) -> bool:
+        with self.session() as s, s.begin():
+            dev = s.get(Device, device_id)
+            if dev is None:
+                return False
+            dev.revoked_at = time.time()
+            return True
+
+    def device_keys(self) -> dict[str, str]:
+        """Public keys of devices that are enrolled and not revoked."""
+        with self.session() as s:
+            rows = s.execute(select(Device.id, Device.public_key).where(Device.revoked_at.is_(None)))
+            return {r.id: r.public_key for r in rows}
+
+    def devices(self) -> list[Device]:
+        with self.session() as s:
+            return list(s.scalars(select(Device).order_by(Device.id)))
+
+    # tasks and rounds
+    def get_task(self, task_id: str) -> Task | None:
+        with self.session() as s:
+            return s.get(Task, task_id)
+
+    def add_task(self, task_id: str, definition: str) -> None:
+        with self.session() as s, s.begin():
+            s.add(Task(id=task_id, definition=definition))
+
+    def set_task_status(self, task_id: str, status: str) -> None:
+        with self.session() as s, s.begin():
+            task = s.get(Task, task_id)
+            if task is not None:
+                task.status = status
+
+    def current_round(self, task_id: str) -> Round | None:
+        with self.session() as s:
+            return s.scalars(
+                select(Round).where(Round.task_id == task_id).order_by(Round.round.desc()).limit(1)
+            ).first()
+
+    def rounds(self, task_id: str) -> list[Round]:
+        with self.session() as s:
+            return list(s.scalars(select(Round).where(Round.task_id == task_id).order_by(Round.round)))
+
+    def open_round(self, r: Round) -> None:
+        with self.session() as s, s.begin():
+            s.add(r)
+
+    def update_round(self, task_id: str, round_no: int, **fields: Any) -> None:
+        with self.session() as s, s.begin():
+            r = s.scalars(select(Round).where(Round.task_id == task_id, Round.round == round_no)).one()
+            for k, v in fields.items():
+                setattr(r, k, v)
+
+    # updates
+    def accept(self, task_id: str, round_no: int, update: StoredUpdate) -> bool:
+        """Store an accepted update; False if this device already contributed to this round."""
+        try:
+            with self.session() as s, s.begin():
+                s.add(
+                    AcceptedUpdate(
+                        task_id=task_id,
+                        round=round_no,
+                        device_id=update.device_id,
+                        kind=update.kind,
+                        n_samples=update.n_samples,
+                        train_loss=update.train_loss,
+                        body=update.body,
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    def accepted(self, task_id: str, round_no: int) -> Iterator[StoredUpdate]:
+        """Accepted updates in arrival order, one row at a time (bodies are not all held at once)."""
+        with self.session() as s:
+            seqs = list(
+                s.scalars(
+                    select(AcceptedUpdate.seq)
+                    .where(AcceptedUpdate.task_id == task_id, AcceptedUpdate.round == round_no)
+                    .order_by(AcceptedUpdate.seq)
+                )
+            )
+        for seq in seqs:
+            with self.session() as s:
+                row = s.get(AcceptedUpdate, seq)
+                assert row is not None
+                yield StoredUpdate(row.device_id, row.kind, row.n_samples, row.train_loss, row.body)
+
+    def accepted_devices(self, task_id: str, round_no: int) -> set[str]:
+        with self.session() as s:
+            return set(
+                s.scalars(
+                    select(AcceptedUpdate.device_id).where(
+                        AcceptedUpdate.task_id == task_id, AcceptedUpdate.round == round_no
+                    )
+                )
+            )
+
+    def reject(self, task_id: str, round_no: int | None, device_id: str, code: str, reason: str) -> None:
+        with self.session() as s, s.begin():
+            s.add(Rejection(task_id=task_id, round=round_no, device_id=device_id, code=code, reason=reason))
+
+    def rejections(self, task_id: str) -> list[Rejection]:
+        with self.session() as s:
+            return list(s.scalars(select(Rejection).where(Rejection.task_id == task_id).order_by(Rejection.id)))
+
+    # checkpoints and metrics
+    def commit_round(
+        self,
+        task_id: str,
+        round_no: int,
+        model_version: str,
+        spec: str,
+        model: bytes,
+        strategy_state: bytes,
+        closed_at: float,
+    ) -> None:
+        """Checkpoint the new global model and mark the round committed, in one transaction."""
+        with self.session() as s, s.begin():
+            s.add(
+                Checkpoint(
+                    task_id=task_id,
+                    round=round_no,
+                    model_version=model_version,
+                    spec=spec,
+                    model=model,
+                    strategy_state=strategy_state,
+                )
+            )
+            r = s.scalars(select(Round).where(Round.task_id == task_id, Round.round == round_no)).one()
+            r.status, r.closed_at = "committed", closed_at
+
+    def latest_checkpoint(self, task_id: str) -> Checkpoint | None:
+        with self.session() as s:
+            return s.scalars(
+                select(Checkpoint).where(Checkpoint.task_id == task_id).order_by(Checkpoint.round.desc()).limit(1)
+            ).first()
+
+    def checkpoint(self, task_id: str, round_no: int) -> Checkpoint | None:
+        with self.session() as s:
+            return s.scalars(
+                select(Checkpoint).where(Checkpoint.task_id == task_id, Checkpoint.round == round_no)
+            ).first()
+
+    def record_evaluation(self, evaluation: Evaluation) -> bool:
+        """Store one site's evaluation of a model; False if that site already reported on it."""
+        try:
+            with self.session() as s, s.begin():
+                s.add(evaluation)
+        except IntegrityError:
+            return False
+        return True
+
+    def evaluations(self, task_id: str) -> list[Evaluation]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(Evaluation)
+                    .where(Evaluation.task_id == task_id)
+                    .order_by(Evaluation.round, Evaluation.device_id)
+                )
+            )

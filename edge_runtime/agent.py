@@ -1,0 +1,284 @@
+"""The edge agent: joins a task over MQTT, and for each round it is selected for, pulls its
+hospital's records, trains, and sends back a signed, quantized update. Nothing else leaves.
+
+Messages arrive on paho's network thread and are queued; all work happens on the caller's thread,
+so a long training run never stalls the MQTT keepalive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime import codec, wire
+from edge_runtime.errors import EdgeError
+from edge_runtime.keys import load_or_create_signing_key, public_from_hex
+from edge_runtime.messages import Announcement, model_from_frame, parse_header, stats_body
+from edge_runtime.metrics import evaluate, score_histograms
+from edge_runtime.model import Model
+from edge_runtime.mqtt import BrokerSettings, Connection, connect
+from edge_runtime.profile import DeviceProfile, training_bytes
+from edge_runtime.site_data import SiteData, SourceConfig
+from edge_runtime.trainer import TrainConfig, train
+from fhir_adapters.features import FeatureTable
+from fhir_adapters.featurespec import parse_spec
+
+log = logging.getLogger("fhai.edge")
+
+
+@dataclass
+class AgentConfig:
+    device_id: str
+    task: str
+    state_dir: Path
+    source: SourceConfig
+    profile: DeviceProfile
+    coordinator_key: str  # hex Ed25519 public key: only frames it signed are obeyed
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    exit_when_done: bool = True
+
+
+@dataclass
+class LocalSplit:
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_hold: np.ndarray
+    y_hold: np.ndarray
+
+
+def holdout_mask(patient_ids: list[str], device_id: str, fraction: float) -> np.ndarray:
+    """A patient's split is fixed by a hash of their id, so it is stable as new patients arrive."""
+    cut = int(fraction * 2**32)
+    return np.array(
+        [
+            int.from_bytes(hashlib.sha256(f"{device_id}/{pid}".encode()).digest()[:4], "little") < cut
+            for pid in patient_ids
+        ],
+        dtype=bool,
+    )
+
+
+def split_table(table: FeatureTable, device_id: str, fraction: float) -> LocalSplit:
+    hold = holdout_mask(table.patient_ids, device_id, fraction)
+    return LocalSplit(table.X[~hold], table.y[~hold].astype(np.int64), table.X[hold], table.y[hold].astype(np.int64))
+
+
+def round_seed(device_id: str, task: str, round_no: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{task}/{device_id}/{round_no}".encode()).digest()[:4], "little")
+
+
+class EdgeAgent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        wire.check_device_id(cfg.device_id)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.key = load_or_create_signing_key(cfg.state_dir / "device.key")
+        self.coordinator = public_from_hex(cfg.coordinator_key)
+        self.data = SiteData(cfg.source, cfg.state_dir)
+        self.announcement: Announcement | None = None
+        self.model: Model | None = None
+        self.progress_file = cfg.state_dir / f"progress-{cfg.task}.json"
+        self.residual_file = cfg.state_dir / f"residual-{cfg.task}.npy"
+        self._split: tuple[str, LocalSplit] | None = None
+        self.conn: Connection | None = None
+        self.finished = threading.Event()
+
+    # state kept across restarts ------------------------------------------------------------------
+    def _done_rounds(self) -> set[int]:
+        if not self.progress_file.exists():
+            return set()
+        return set(json.loads(self.progress_file.read_text()).get("done", []))
+
+    def _mark_done(self, round_no: int) -> None:
+        done = sorted(self._done_rounds() | {round_no})
+        tmp = self.progress_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"done": done}))
+        tmp.replace(self.progress_file)
+
+    # MQTT ----------------------------------------------------------------------------------------
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Serve rounds until the task ends (or `stop` is set)."""
+        stop = stop or threading.Event()
+        device, task = self.cfg.device_id, self.cfg.task
+        presence = wire.status_topic(device)
+        self.conn = connect(
+            f"fhai-edge-{device}",
+            self.cfg.broker,
+            [wire.announce_topic(task), wire.model_topic(task)],
+            will=(presence, json.dumps({"state": "offline"}).encode()),
+            online=(presence, json.dumps({"state": "online", "profile": self.cfg.profile.profile}).encode()),
+        )
+        try:
+            while not stop.is_set() and not self.finished.is_set():
+                try:
+                    msg = self.conn.inbox.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                self.handle(msg.topic, msg.payload)
+        finally:
+            if self.conn is not None:
+                # A clean exit: say so, since the broker only sends the Will on an unclean one.
+                self.conn.publish(presence, json.dumps({"state": "offline"}).encode(), retain=True, wait_s=5)
+                self.conn.close()
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        try:
+            frame = wire.decode_frame(payload, lambda s: self.coordinator if s == wire.COORDINATOR else None)
+            if frame.kind == "model":
+                _, self.model = model_from_frame(frame)
+            elif frame.kind == "announce":
+                self.announcement = parse_header(frame, Announcement)
+            else:
+                raise wire.WireError("FHAI-W030", f"unexpected {frame.kind} frame on {topic}")
+            self.work()
+        except EdgeError as exc:
+            log.error("%s: %s", topic, exc)
+
+    # one round -----------------------------------------------------------------------------------
+    def work(self) -> None:
+        ann = self.announcement
+        if ann is None or ann.task != self.cfg.task:
+            return
+        if ann.round in self._done_rounds():
+            if ann.final:
+                self.finished.set()
+            return
+        if self.cfg.device_id not in ann.cohort:
+            log.info("round %d: not selected", ann.round)
+            return
+        if time.time() > ann.deadline:
+            log.warning("round %d: deadline passed before this device could start", ann.round)
+            return
+        if ann.phase != "stats" and (self.model is None or self.model.version() != ann.model_version):
+            return  # the matching global model has not arrived yet
+        spec = parse_spec(ann.feature_spec)
+        if spec.spec_hash() != ann.feature_spec_hash:
+            raise EdgeError("FHAI-A001", "the announced feature spec does not match its hash: refusing the round")
+        split = self._local_split(ann, spec)
+        if ann.phase == "stats":
+            self._send_stats(ann, split)
+        else:
+            assert self.model is not None
+            self._send_eval(ann, split)
+            if ann.phase == "train":
+                self._send_update(ann, split)
+        self._mark_done(ann.round)
+        if ann.final:
+            self.finished.set()
+
+    def _local_split(self, ann: Announcement, spec: object) -> LocalSplit:
+        # File sources do not change between rounds; a FHIR mirror is synced each round.
+        if self._split is None or self._split[0] != ann.feature_spec_hash or self.cfg.source.kind == "fhir":
+            table = self.data.table(spec)  # type: ignore[arg-type]
+            self._split = (
+                ann.feature_spec_hash,
+                split_table(table, self.cfg.device_id, self.cfg.profile.holdout_fraction),
+            )
+        return self._split[1]
+
+    def _publish(self, topic: str, kind: str, header: dict[str, object], body: bytes, ann: Announcement) -> None:
+        assert self.conn is not None
+        frame = wire.encode_frame(kind, self.cfg.device_id, header, body, self.key)
+        self.conn.publish(topic, frame, expiry_s=int(ann.deadline - time.time()) + 60, kind=kind, wait_s=30)
+
+    def _send_stats(self, ann: Announcement, split: LocalSplit) -> None:
+        X = split.X_train.astype(np.float64)
+        header = {"task": ann.task, "round": ann.round, "n": len(X), "n_features": X.shape[1]}
+        self._publish(
+            wire.update_topic(ann.task, self.cfg.device_id), "stats", header, stats_body(X.sum(0), (X**2).sum(0)), ann
+        )
+        log.info("round %d: sent feature statistics of %d rows", ann.round, len(X))
+
+    def _send_eval(self, ann: Announcement, split: LocalSplit) -> None:
+        assert self.model is not None
+        if len(split.y_hold) == 0:
+            return
+        proba = self.model.predict_proba(split.X_hold)
+        metrics = evaluate(split.y_hold, proba)
+        pos, neg = score_histograms(split.y_hold, proba[:, 1] if proba.shape[1] == 2 else proba.max(1))
+        header = {
+            "task": ann.task,
+            "round": ann.round - 1,  # the round that produced the model being evaluated
+            "model_version": self.model.version(),
+            "metrics": {k: float(v) for k, v in metrics.items() if np.isfinite(v)},
+            "pos_hist": pos.tolist(),
+            "neg_hist": neg.tolist(),
+        }
+        self._publish(wire.eval_topic(ann.task, self.cfg.device_id), "eval", header, b"", ann)
+
+    def train_config(self, ann: Announcement) -> TrainConfig:
+        merged = {**ann.train, **self.cfg.profile.train, **ann.train_required}
+        merged["seed"] = round_seed(self.cfg.device_id, ann.task, ann.round)
+        return TrainConfig(**merged)
+
+    def _fit_budget(self, split: LocalSplit, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+        """Subsample rows (seeded) when the full set would not fit the profile's memory budget."""
+        assert self.model is not None
+        spec = self.model.spec
+        budget = self.cfg.profile.memory_budget_mb * 2**20
+        n = len(split.y_train)
+
+        def need(rows: int) -> int:
+            return training_bytes(
+                rows, spec.n_features, spec.layout().size, config.epochs, config.batch_size, max(spec.widths)
+            )
+
+        if need(n) <= budget:
+            return split.X_train, split.y_train
+        rows = n
+        while rows > 1 and need(rows) > budget:
+            rows //= 2
+        if need(rows) > budget:
+            raise EdgeError(
+                "FHAI-A002",
+                f"even one row exceeds the memory budget of {self.cfg.profile.memory_budget_mb} MB: raise it in the device profile",
+            )
+        log.warning("memory budget: training on %d of %d rows (raise memory_budget_mb to use all)", rows, n)
+        idx = np.random.default_rng(config.seed).choice(n, rows, replace=False)
+        return split.X_train[idx], split.y_train[idx]
+
+    def _send_update(self, ann: Announcement, split: LocalSplit) -> None:
+        assert self.model is not None
+        config = self.train_config(ann)
+        X, y = self._fit_budget(split, config)
+        result = train(self.model, X, y, config, global_params=self.model.params)
+        delta = (result.model.params - self.model.params).astype(np.float32)
+        n = delta.size
+        feedback = (
+            codec.ErrorFeedback.load(self.residual_file)
+            if self.residual_file.exists()
+            else codec.ErrorFeedback.zeros(n)
+        )
+        if feedback.n != n:
+            feedback = codec.ErrorFeedback.zeros(n)
+        compensated = feedback.compensate(delta)
+        bits = self.cfg.profile.quantization_bits or ann.codec.bits
+        body = codec.encode(
+            compensated, bits, np.random.default_rng(config.seed), ann.codec.block_size, ann.codec.compress
+        )
+        feedback.update(compensated, codec.decode(body, expected_n=n))
+        header = {
+            "task": ann.task,
+            "round": ann.round,
+            "model_version": ann.model_version,
+            "n_samples": len(y),
+            "train_loss": float(result.epoch_losses[-1]),
+        }
+        self._publish(wire.update_topic(ann.task, self.cfg.device_id), "update", header, body, ann)
+        feedback.save(self.residual_file)
+        log.info(
+            "round %d: sent %d-bit update (%d bytes) from %d rows, loss %.4f",
+            ann.round,
+            bits,
+            len(body),
+            len(y),
+            result.epoch_losses[-1],
+        )

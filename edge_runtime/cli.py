@@ -1,0 +1,94 @@
+"""`fhai-edge`: set up a device, join a federated task, show its state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from edge_runtime.console import console, friendly_errors, parse_broker, setup_logging
+from edge_runtime.keys import load_or_create_signing_key, public_hex
+from edge_runtime.mqtt import BrokerSettings
+
+app = typer.Typer(help="FH-AI edge runtime: trains on this hospital's FHIR data, sends only model updates.")
+
+StateDir = Annotated[Path, typer.Option("--state-dir", help="Folder for this device's keys, cursors and residuals")]
+
+
+@app.command()
+@friendly_errors
+def init(state_dir: StateDir = Path("state/edge")) -> None:
+    """Create this device's signing key (if missing) and print its public key for enrollment."""
+    key = load_or_create_signing_key(state_dir / "device.key")
+    console.print(f"device public key: [bold]{public_hex(key)}[/]")
+    print(public_hex(key))
+
+
+@app.command()
+@friendly_errors
+def run(
+    task: Annotated[str, typer.Option(help="Task id to join")],
+    device_id: Annotated[str, typer.Option(help="This device's id (letters, digits, - _ .)")],
+    source: Annotated[str, typer.Option(help="FHIR R4 base URL, or a folder of Bulk ndjson / Bundles")],
+    coordinator_key: Annotated[str, typer.Option(help="Coordinator's public key (hex) or a file holding it")],
+    state_dir: StateDir = Path("state/edge"),
+    profile: Annotated[str, typer.Option(help="Device profile name or YAML path")] = "gateway",
+    broker: Annotated[str, typer.Option(help="MQTT broker HOST:PORT")] = "127.0.0.1:1883",
+    username: Annotated[str | None, typer.Option(help="MQTT username")] = None,
+    password_file: Annotated[Path | None, typer.Option(help="File with the MQTT password")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="CA certificate: connect with TLS")] = None,
+    token_file: Annotated[Path | None, typer.Option(help="File with the FHIR server's bearer token")] = None,
+    fhir_ca: Annotated[Path | None, typer.Option(help="CA bundle for the FHIR server")] = None,
+    stay: Annotated[bool, typer.Option(help="Keep serving after the task's final round")] = False,
+    log_file: Annotated[Path | None, typer.Option(help="Log file (default: STATE_DIR/edge.log)")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Join TASK and serve its rounds until it ends."""
+    from edge_runtime.agent import AgentConfig, EdgeAgent
+    from edge_runtime.profile import load_profile
+    from edge_runtime.site_data import SourceConfig
+
+    setup_logging(log_file or state_dir / "edge.log", verbose)
+    host, port = parse_broker(broker)
+    key_text = Path(coordinator_key).read_text().strip() if Path(coordinator_key).is_file() else coordinator_key
+    cfg = AgentConfig(
+        device_id=device_id,
+        task=task,
+        state_dir=state_dir,
+        source=SourceConfig.parse(source, str(token_file) if token_file else None, str(fhir_ca) if fhir_ca else None),
+        profile=load_profile(profile),
+        coordinator_key=key_text,
+        broker=BrokerSettings(
+            host,
+            port,
+            username=username,
+            password=password_file.read_text().strip() if password_file else None,
+            ca_file=str(tls_ca) if tls_ca else None,
+        ),
+        exit_when_done=not stay,
+    )
+    console.print(f"[bold]{device_id}[/] joining task [bold]{task}[/] on {broker} (data: {source})")
+    EdgeAgent(cfg).run()
+    console.print(f"[green]task {task} finished[/]")
+
+
+@app.command()
+@friendly_errors
+def status(state_dir: StateDir = Path("state/edge")) -> None:
+    """What this device has done: rounds per task, and whether it holds an error-feedback residual."""
+    table = Table(title=f"Device state in {state_dir}")
+    for col in ("task", "rounds done", "last round", "residual"):
+        table.add_column(col)
+    for progress in sorted(state_dir.glob("progress-*.json")):
+        task = progress.stem.removeprefix("progress-")
+        done = json.loads(progress.read_text()).get("done", [])
+        residual = state_dir / f"residual-{task}.npy"
+        table.add_row(task, str(len(done)), str(max(done) if done else "-"), "yes" if residual.exists() else "no")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,66 @@
+"""What both CLIs share: logging to a file, and errors shown as one clear line (the detail goes to the log)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+
+from edge_runtime.errors import EdgeError
+from fhir_adapters.errors import FhirAdapterError
+
+console = Console(stderr=True)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def setup_logging(log_file: Path | None, verbose: bool = False) -> None:
+    """Everything to the log file (if any); warnings and up (or everything with -v) to stderr."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    sh.setFormatter(fmt)
+    root.addHandler(sh)
+    for noisy in ("httpx", "httpcore", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn our errors (and a missing file) into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (EdgeError, FhirAdapterError, FileNotFoundError, PermissionError) as exc:
+            logging.getLogger("fhai").debug("command failed", exc_info=True)
+            console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort, typer.BadParameter, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a bug or an unforeseen failure: still one line, the trace in the log
+            logging.getLogger("fhai").exception("unexpected error")
+            console.print(f"[bold red]unexpected error:[/] {type(exc).__name__}: {exc} (traceback in the log file)")
+            raise typer.Exit(3) from None
+
+    return wrapper
+
+
+def parse_broker(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise typer.BadParameter(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)

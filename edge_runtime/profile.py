@@ -1,0 +1,54 @@
+"""Device profiles (firmware_configs/devices/*.yaml): how hard a device may work in a round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge_runtime.errors import ConfigError
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "firmware_configs" / "devices"
+
+
+class DeviceProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: str
+    description: str = ""
+    # Training settings the device insists on; they override the round announcement's defaults.
+    train: dict[str, Any] = Field(default_factory=dict)
+    quantization_bits: Literal[4, 8, 32] | None = None  # None: what the round announcement asks
+    memory_budget_mb: float = Field(256.0, gt=0)
+    holdout_fraction: float = Field(0.2, ge=0.05, le=0.5)
+    inference_backend: Literal["litert", "onnxruntime"] = "litert"
+
+
+def load_profile(name_or_path: str | Path) -> DeviceProfile:
+    """A profile by file path, or by name from firmware_configs/devices/."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
+        raise ConfigError(
+            "FHAI-P001", f"cannot read device profile {path} ({exc.strerror}); known profiles: {known}"
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError("FHAI-P002", f"device profile {path} is not valid YAML: {exc}") from exc
+    try:
+        return DeviceProfile.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError("FHAI-P003", f"device profile {path}: {where}: {first['msg']}") from exc
+
+
+def training_bytes(n_rows: int, n_features: int, n_params: int, epochs: int, batch_size: int, widest: int) -> int:
+    """What one local training run holds: the standardized copy of X, the epoch orders, and the
+    parameters with their gradient and optimizer moments, plus the batch activation buffers."""
+    return n_rows * n_features * 4 * 2 + epochs * n_rows * 8 + n_params * 4 * 6 + batch_size * widest * 4 * 8
