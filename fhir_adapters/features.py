@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,28 +94,53 @@ def _ref_id(ref: object, rtype: str = "Patient") -> str | None:
     return None
 
 
-class _Feature:
-    """Per-feature extraction state: the unit converters it has seen and its flat record arrays."""
+class _Channel:
+    """One value stream shared by every feature that reads the same codes, component, unit and analyte
+    (e.g. glucose mean and glucose max): extracted once, aggregated once per feature."""
 
-    __slots__ = ("analyte", "comp_codes", "convs", "defn", "pids", "times", "unit", "values")
+    __slots__ = ("analyte", "comp_codes", "convs", "is_count", "pids", "seqs", "times", "unit", "values")
 
-    def __init__(self, defn: Any) -> None:
-        self.defn = defn
-        self.unit: str | None = defn.unit
-        self.analyte: str | None = defn.analyte
-        self.comp_codes = {(c.system, c.code) for c in defn.component} if defn.component else None
+    def __init__(
+        self, comp_codes: frozenset[tuple[str, str]] | None, unit: str | None, analyte: str | None, is_count: bool
+    ):
+        self.comp_codes = comp_codes
+        self.unit = unit
+        self.analyte = analyte
+        self.is_count = is_count
         self.convs: dict[str | None, Affine | None] = {}
         self.pids: list[int] = []
-        self.times: list[float] = []
+        self.times: list[str] = []  # raw FHIR dateTimes: parsed in bulk by build() (see parse_times)
+        self.seqs: list[int] = []  # which observation each record came from
         self.values: list[float] = []
 
-    def conv(self, unit: str | None) -> Affine | None:
-        try:
-            return self.convs[unit]
-        except KeyError:
-            f = None if self.unit is None else converter(unit, self.unit, self.analyte)
-            self.convs[unit] = f
-            return f
+    def value(self, obs: dict[str, Any]) -> float | str:
+        """The observation's value in the canonical unit, or the reason it has none."""
+        if self.is_count:
+            return 1.0
+        if self.comp_codes is None:
+            q = obs.get("valueQuantity")
+        else:
+            q = None
+            for comp in obs.get("component") or ():
+                if any((c.get("system"), c.get("code")) in self.comp_codes for c in comp["code"]["coding"]):
+                    q = comp.get("valueQuantity")
+                    break
+        if not q:
+            return v.MISSING_VALUE
+        value = q.get("value")
+        if value is None:
+            return v.MISSING_VALUE
+        if value.__class__ is not float and value.__class__ is not int:
+            return v.NON_NUMERIC_VALUE
+        unit = q.get("code") or q.get("unit")
+        if unit is None:
+            return v.MISSING_UNIT
+        f = self.convs.get(unit)
+        if f is None:
+            f = self.convs[unit] = converter(unit, self.unit, self.analyte) if self.unit else None
+            if f is None:
+                return v.UNCONVERTIBLE_UNIT
+        return value * f.scale + f.offset
 
 
 class FeatureBuilder:
@@ -124,11 +150,28 @@ class FeatureBuilder:
         self.spec = spec
         self.report = report if report is not None else IngestReport()
         self._gate: Callable[[dict[str, Any]], bool] | None = v.strict_check(self.report) if strict else None
-        self._features = [_Feature(f) for f in spec.features]
-        self._by_code: dict[tuple[str, str], list[_Feature]] = {}
-        for feat in self._features:
-            for c in feat.defn.codes:
-                self._by_code.setdefault((c.system, c.code), []).append(feat)
+        channels: dict[tuple[Any, ...], _Channel] = {}
+        self._features: list[tuple[Any, _Channel]] = []
+        by_code: dict[tuple[str, str], list[_Channel]] = {}
+        for f in spec.features:
+            comp = frozenset((c.system, c.code) for c in f.component) if f.component else None
+            is_count = f.aggregation == "count"
+            key = (
+                frozenset((c.system, c.code) for c in f.codes),
+                comp,
+                None if is_count else f.unit,
+                f.analyte,
+                is_count,
+            )
+            ch = channels.get(key)
+            if ch is None:
+                ch = channels[key] = _Channel(comp, f.unit, f.analyte, is_count)
+                for c in f.codes:
+                    by_code.setdefault((c.system, c.code), []).append(ch)
+            self._features.append((f, ch))
+        self._channels = list(channels.values())
+        self._by_code: dict[tuple[str, str], tuple[_Channel, ...]] = {k: tuple(x) for k, x in by_code.items()}
+        self._n_obs = 0
         lab = spec.label
         self._label_exact = {(c.system, c.code) for c in lab.codes if c.system not in lab.prefix_systems}
         self._label_prefix = [(c.system, c.code) for c in lab.codes if c.system in lab.prefix_systems]
@@ -146,8 +189,15 @@ class FeatureBuilder:
             self.add(res)
 
     def add_all(self, resources: Iterable[dict[str, Any]]) -> FeatureBuilder:
+        add_obs, add, report = self._add_observation, self.add, self.report
         for r in resources:
-            self.add(r)
+            if r.get("resourceType") != "Observation":
+                add(r)
+                continue
+            try:  # Observations are most of the stream: dispatch them without the generic path
+                add_obs(r)
+            except (AttributeError, TypeError, KeyError, IndexError) as e:
+                report.reject(v.INVALID_RESOURCE, f"Observation/{r.get('id')}: {e!r}")
         return self
 
     def add(self, res: dict[str, Any]) -> None:
@@ -170,77 +220,80 @@ class FeatureBuilder:
             self.report.reject(v.INVALID_RESOURCE, f"{rtype}/{res.get('id')}: {e!r}")
 
     def _add_observation(self, obs: dict[str, Any]) -> None:
-        feats = None
+        chans = None
         for c in obs["code"]["coding"]:
-            feats = self._by_code.get((c.get("system"), c.get("code")))
-            if feats is not None:
+            chans = self._by_code.get((c.get("system"), c.get("code")))
+            if chans is not None:
                 break
-        if feats is None:
+        if chans is None:
             self.report.ignored += 1
             return
-        rid = obs.get("id")
-        report = self.report
         if self._gate is not None and not self._gate(obs):
             return
+        rid = obs.get("id")
         if obs.get("status") in EXCLUDED_OBS_STATUS:
-            report.reject(v.STATUS_EXCLUDED, f"Observation/{rid}")
+            self.report.reject(v.STATUS_EXCLUDED, f"Observation/{rid}")
             return
         subject = obs.get("subject")
-        pid = _ref_id(subject.get("reference")) if subject else None
+        ref = subject.get("reference") if subject else None
+        # the common literal form first; _ref_id handles absolute, versioned and urn:uuid references
+        pid = ref[8:] if ref.__class__ is str and ref.startswith("Patient/") and "/" not in ref[8:] else _ref_id(ref)
         if pid is None:
-            report.reject(v.NO_SUBJECT, f"Observation/{rid}")
+            self.report.reject(v.NO_SUBJECT, f"Observation/{rid}")
             return
         when = obs.get("effectiveDateTime") or obs.get("effectiveInstant")
         if when is None:
             period = obs.get("effectivePeriod")
             when = period.get("start") if period else obs.get("issued")
-        t = to_days(when)
-        if t is None:
-            report.reject(v.NO_EFFECTIVE_TIME, f"Observation/{rid}")
+        if when.__class__ is not str:
+            self.report.reject(v.NO_EFFECTIVE_TIME, f"Observation/{rid}")
             return
-        # Collect (feature, value) first: one observation is accepted or rejected as a whole.
-        out: list[tuple[_Feature, float]] = []
-        for feat in feats:
-            q: dict[str, Any] | None
-            if feat.comp_codes is None:
-                q = obs.get("valueQuantity")
-            else:
-                q = None
-                for comp in obs.get("component") or ():
-                    if any((c.get("system"), c.get("code")) in feat.comp_codes for c in comp["code"]["coding"]):
-                        q = comp.get("valueQuantity")
-                        break
-            if feat.defn.aggregation == "count":
-                out.append((feat, 1.0))
-                continue
-            value = q.get("value") if q else None
-            if value is None or q is None:
-                report.reject(v.MISSING_VALUE, f"Observation/{rid}")
+        t = when  # validated and converted in bulk by build(): one numpy parse instead of one call each
+        seq = self._n_obs
+        if len(chans) == 1:  # the common case, without the per-channel list
+            ch = chans[0]
+            val = ch.value(obs)
+            if val.__class__ is str:
+                self.report.reject(str(val), f"Observation/{rid}")
                 return
-            if value.__class__ is not float and (value.__class__ is not int):
-                report.reject(v.NON_NUMERIC_VALUE, f"Observation/{rid}: {value!r}")
+            if rid is not None:
+                seen = self._seen_obs
+                if rid in seen:
+                    self.report.reject(v.DUPLICATE, f"Observation/{rid}")
+                    return
+                seen.add(rid)
+            p = self._pid_index.get(pid)
+            if p is None:
+                p = self._pid(pid)
+            self._obs_per_pid[p] += 1
+            ch.pids.append(p)
+            ch.times.append(t)
+            ch.values.append(val)  # type: ignore[arg-type]
+            ch.seqs.append(seq)
+            ch.seqs.append(seq)
+            self._n_obs += 1
+            return
+        # several channels: an observation is accepted or rejected as a whole
+        values = [ch.value(obs) for ch in chans]
+        for val in values:
+            if val.__class__ is str:
+                self.report.reject(str(val), f"Observation/{rid}")
                 return
-            unit = q.get("code") or q.get("unit")
-            if unit is None:
-                report.reject(v.MISSING_UNIT, f"Observation/{rid}")
-                return
-            f = feat.conv(unit)
-            if f is None:
-                report.reject(v.UNCONVERTIBLE_UNIT, f"Observation/{rid}: {unit!r} -> {feat.unit!r}")
-                return
-            out.append((feat, value * f.scale + f.offset))
         if rid is not None:
             if rid in self._seen_obs:
-                report.reject(v.DUPLICATE, f"Observation/{rid}")
+                self.report.reject(v.DUPLICATE, f"Observation/{rid}")
                 return
             self._seen_obs.add(rid)
-        p = self._pid(pid)
+        p = self._pid_index.get(pid)
+        if p is None:
+            p = self._pid(pid)
         self._obs_per_pid[p] += 1
-        for feat, val in out:
-            feat.pids.append(p)
-            feat.times.append(t)
-            feat.values.append(val)
-        report.accepted["Observation"] += 1
+        for ch, val in zip(chans, values, strict=True):
+            ch.pids.append(p)
+            ch.times.append(t)
+            ch.values.append(val)  # type: ignore[arg-type]
+            ch.seqs.append(seq)
+        self._n_obs += 1
 
     def _pid(self, pid: str) -> int:
         p = self._pid_index.get(pid)
@@ -319,6 +372,16 @@ class FeatureBuilder:
         to_row = np.full(n_all, -1, dtype=np.int64)
         for r, pid in enumerate(rows):
             to_row[self._pid_index[pid]] = r
+        parsed = [parse_times(ch.times) for ch in self._channels]
+        bad_seqs: set[int] = set()
+        for ch, T in zip(self._channels, parsed, strict=True):
+            for i in np.flatnonzero(np.isnan(T)).tolist():
+                if ch.seqs[i] not in bad_seqs:
+                    bad_seqs.add(ch.seqs[i])
+                    report.reject(v.NO_EFFECTIVE_TIME, f"Observation with effective time {ch.times[i]!r}")
+                    self._obs_per_pid[ch.pids[i]] -= 1
+        report.accepted["Observation"] += self._n_obs - len(bad_seqs)
+        self._n_obs = 0
         orphans = [pid for pid, p in self._pid_index.items() if to_row[p] < 0 and self._obs_per_pid[p]]
         for pid in orphans:
             n_obs = self._obs_per_pid[self._pid_index[pid]]
@@ -326,10 +389,12 @@ class FeatureBuilder:
             report.rejected[v.UNKNOWN_PATIENT] += n_obs - 1
             report.accepted["Observation"] -= n_obs
         arrays = []
-        for feat in self._features:
+        for feat, T in zip(self._channels, parsed, strict=True):
             P = to_row[np.asarray(feat.pids, dtype=np.int64)] if feat.pids else np.empty(0, np.int64)
-            T = np.asarray(feat.times, dtype=np.float64)
             V = np.asarray(feat.values, dtype=np.float64)
+            ok = ~np.isnan(T)
+            if not ok.all():
+                P, T, V = P[ok], T[ok], V[ok]
             if orphans:
                 keep = P >= 0
                 P, T, V = P[keep], T[keep], V[keep]
@@ -365,11 +430,13 @@ class FeatureBuilder:
             cols.append(sex)
             names.append("sex_male")
             units.append(None)
-        for feat, (P, T, V) in zip(self._features, arrays, strict=True):
-            window = feat.defn.window_days or spec.lookback_days
-            cols.append(aggregate(P, T, V, index, window, feat.defn.aggregation, n))
-            names.append(feat.defn.name)
-            units.append("1" if feat.defn.aggregation == "count" else feat.unit)
+        chan_arrays = dict(zip((id(c) for c in self._channels), arrays, strict=True))
+        for defn, ch in self._features:
+            P, T, V = chan_arrays[id(ch)]
+            window = defn.window_days or spec.lookback_days
+            cols.append(aggregate(P, T, V, index, window, defn.aggregation, n))
+            names.append(defn.name)
+            units.append("1" if defn.aggregation == "count" else defn.unit)
         raw = np.stack(cols, axis=1) if cols else np.zeros((n, 0))
         raw = raw[keep]
         can_miss = [u != "1" for u in units]  # counts are never missing
@@ -411,6 +478,24 @@ class FeatureBuilder:
                 np.maximum.at(last, P, T)
         last[np.isinf(last)] = np.nan
         return last - rule.offset_days
+
+
+def parse_times(raw: list[str]) -> npt.NDArray[np.float64]:
+    """FHIR date/dateTime strings to days since the epoch, NaN where a string is not one.
+
+    One vectorised numpy parse covers the usual UTC forms ("...Z", dates, partial dates); numpy refuses
+    offsets like +02:00 and anything malformed, and then each string goes through to_days."""
+    if not raw:
+        return np.empty(0, dtype=np.float64)
+    naive = [s[:-1] if s[-1:] == "Z" else s for s in raw]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy only warns about offsets: take the exact path for them
+            us = np.array(naive, dtype="datetime64[us]").astype(np.int64)
+        return us.astype(np.float64) / 86_400_000_000.0
+    except (ValueError, OverflowError, UserWarning, DeprecationWarning):
+        out = [to_days(s) for s in raw]
+        return np.array([np.nan if d is None else d for d in out], dtype=np.float64)
 
 
 def aggregate(

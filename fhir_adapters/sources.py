@@ -38,7 +38,7 @@ def iter_ndjson(
     """Resources of an ndjson stream (one JSON object a line, blank lines skipped)."""
     loads = orjson.loads
     for line in lines:
-        if not line.strip():
+        if len(line) < 3 and not line.strip():  # blank line (strip() would copy every line)
             continue
         try:
             obj = loads(line)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_fromiso = datetime.fromisoformat
 
 
 def to_days(value: object) -> float | None:
@@ -12,17 +13,17 @@ def to_days(value: object) -> float | None:
 
     Partial dates take their first instant ("2020" -> 2020-01-01); a dateTime without offset counts as UTC.
     """
-    if not isinstance(value, str):
+    if value.__class__ is not str:
         return None
     n = len(value)
     try:
-        if n == 10:
-            return float(date.fromisoformat(value).toordinal() - _EPOCH_ORDINAL)
         if n > 10:
-            dt = datetime.fromisoformat(value)
+            dt = _fromiso(value)
             if dt.tzinfo is None:
                 dt = dt.replace(tzinfo=UTC)
             return dt.timestamp() / 86400.0
+        if n == 10:
+            return float(date.fromisoformat(value).toordinal() - _EPOCH_ORDINAL)
         if n == 7:
             return float(date(int(value[:4]), int(value[5:7]), 1).toordinal() - _EPOCH_ORDINAL)
         if n == 4:

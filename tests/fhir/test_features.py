@@ -376,3 +376,17 @@ def test_ndjson_line_parse_matches_dict_path() -> None:
     for r in res:
         b.add_json(orjson.dumps(r))
     assert b.build().equals(build_feature_table(ListSource(res), spec()))
+
+
+def test_time_zones_and_partial_dates_are_placed_correctly() -> None:
+    res = [
+        patient("a"),
+        obs("a", "2020-01-01T01:30:00+02:00", 100),  # = 2019-12-31T23:30Z: before the index, counts
+        obs("a", "2019-12-31T23:30:00-02:00", 900),  # = 2020-01-01T01:30Z: after the index, does not
+        obs("a", "2019-12", 50),  # partial date: 2019-12-01
+        obs("a", "2019-12-31T10:00:00.123456Z", 70),
+    ]
+    t = build_feature_table(ListSource(res), spec())
+    assert col(t, "glu_n")[0] == 3
+    assert col(t, "glu_max")[0] == 100 and col(t, "glu_min")[0] == 50
+    assert col(t, "glu_latest")[0] == 100
