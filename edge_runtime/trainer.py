@@ -125,7 +125,9 @@ def train(
         widths,
         w_off,
         b_off,
-        out.standardizer.apply(Xf),
+        Xf,  # standardized row by row inside the kernel (no copy of the table)
+        np.ascontiguousarray(out.standardizer.mean),
+        np.ascontiguousarray(out.standardizer.scale),
         yi,
         class_weights(config, yi, model.spec.n_classes).astype(np.float32),
         layout.weight_mask(),
