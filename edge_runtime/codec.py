@@ -41,7 +41,7 @@ MIN_BLOCK_SIZE = 8
 MAX_BLOCK_SIZE = 1 << 16
 DEFAULT_MAX_BYTES = 64 << 20  # 16M float32 parameters: far above any on-device model
 FLAG_ZSTD = 0x01
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 1  # on these payloads level 3 saves 2% more bytes for 3x the compression time
 
 _HEADER = struct.Struct("<4sBBBBIIII")
 HEADER_SIZE = _HEADER.size
