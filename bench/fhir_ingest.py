@@ -126,21 +126,21 @@ def main() -> None:
     ok = lambda b: "yes" if b else "NO"  # noqa: E731
     md = f"""# FHIR ingest benchmark
 
-Bulk ndjson (5 synthetic sites, {n_obs:,} Observations, {counts['Patient']:,} Patients, mixed units) to a
-feature table with `firmware_configs/tasks/synthetic_diabetes.yaml` ({res['columns']} columns). Parse-only is
+Bulk ndjson (5 synthetic sites, {n_obs:,} Observations, {counts["Patient"]:,} Patients, mixed units) to a
+feature table with `firmware_configs/tasks/synthetic_diabetes.yaml` ({res["columns"]} columns). Parse-only is
 `orjson.loads` of every line, the floor any pipeline on the same JSON library pays. Medians of
-{res['repeats']['fast']} (parse, fast) and {res['repeats']['strict']} (strict) interleaved runs, one process.
+{res["repeats"]["fast"]} (parse, fast) and {res["repeats"]["strict"]} (strict) interleaved runs, one process.
 
 | path | median s | Observations/s | vs parse-only |
 |---|---:|---:|---:|
-| parse only (orjson) | {med['parse']:.2f} | {res['parse_obs_per_s']:,} | 1.00 |
-| fast (dict access) | {med['fast']:.2f} | {res['fast_obs_per_s']:,} | {res['fast_over_parse']:.2f} |
-| strict (R4B validation) | {med['strict']:.2f} | {res['strict_obs_per_s']:,} | {med['parse'] / med['strict']:.2f} |
+| parse only (orjson) | {med["parse"]:.2f} | {res["parse_obs_per_s"]:,} | 1.00 |
+| fast (dict access) | {med["fast"]:.2f} | {res["fast_obs_per_s"]:,} | {res["fast_over_parse"]:.2f} |
+| strict (R4B validation) | {med["strict"]:.2f} | {res["strict_obs_per_s"]:,} | {med["parse"] / med["strict"]:.2f} |
 
-Targets: fast_over_parse >= 0.5: {ok(res['fast_over_parse'] >= 0.5)}; strict_obs_per_s >= 5000:
-{ok(res['strict_obs_per_s'] >= 5000)}. Python {res['python']}, {res['machine']}.
+Targets: fast_over_parse >= 0.5: {ok(res["fast_over_parse"] >= 0.5)}; strict_obs_per_s >= 5000:
+{ok(res["strict_obs_per_s"] >= 5000)}. Python {res["python"]}, {res["machine"]}.
 
-Command: `{res['command']}`
+Command: `{res["command"]}`
 """
     (args.out / "fhir_ingest.md").write_text(md)
     print(json.dumps({k: res[k] for k in ("fast_obs_per_s", "strict_obs_per_s", "fast_over_parse")}))

@@ -46,13 +46,17 @@ LogOpt = Annotated[Path, typer.Option("--log-file", help="where error details ar
 
 def _setup_logging(path: Path) -> None:
     root = logging.getLogger("fhir_adapters")
-    if any(isinstance(h, logging.FileHandler) for h in root.handlers):
-        return
+    for h in [h for h in root.handlers if getattr(h, "_fhai_cli", False)]:
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve():
+            return
+        root.removeHandler(h)
+        h.close()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler: logging.Handler = logging.FileHandler(path)
     except OSError:
         handler = logging.NullHandler()
+    handler._fhai_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
