@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import signal
 import socket
@@ -51,6 +52,7 @@ class LocalBroker:
         conf.write_text(
             template.format(
                 port=self.port,
+                user=getpass.getuser(),
                 data_dir=self.workdir / "data",
                 log_file=self.log_file,
                 max_packet_size=MAX_PACKET_BYTES,

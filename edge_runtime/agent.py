@@ -24,7 +24,7 @@ from edge_runtime.keys import load_or_create_signing_key, public_from_hex
 from edge_runtime.messages import Announcement, model_from_frame, parse_header, stats_body
 from edge_runtime.metrics import evaluate, score_histograms
 from edge_runtime.model import Model
-from edge_runtime.mqtt import BrokerSettings, Connection, connect
+from edge_runtime.mqtt import BrokerError, BrokerSettings, Connection, connect
 from edge_runtime.profile import DeviceProfile, training_bytes
 from edge_runtime.site_data import SiteData, SourceConfig
 from edge_runtime.trainer import TrainConfig, train
@@ -126,7 +126,10 @@ class EdgeAgent:
         finally:
             if self.conn is not None:
                 # A clean exit: say so, since the broker only sends the Will on an unclean one.
-                self.conn.publish(presence, json.dumps({"state": "offline"}).encode(), retain=True, wait_s=5)
+                try:
+                    self.conn.publish(presence, json.dumps({"state": "offline"}).encode(), retain=True, wait_s=5)
+                except BrokerError as exc:
+                    log.warning("could not publish the offline status: %s", exc)
                 self.conn.close()
 
     def handle(self, topic: str, payload: bytes) -> None:
@@ -261,9 +264,9 @@ class EdgeAgent:
             feedback = codec.ErrorFeedback.zeros(n)
         compensated = feedback.compensate(delta)
         bits = self.cfg.profile.quantization_bits or ann.codec.bits
-        body = codec.encode(
-            compensated, bits, np.random.default_rng(config.seed), ann.codec.block_size, ann.codec.compress
-        )
+        # The codec's stochastic rounding draws from its own stream, apart from training's.
+        rounding = np.random.default_rng([config.seed, 1])
+        body = codec.encode(compensated, bits, rounding, ann.codec.block_size, ann.codec.compress)
         feedback.update(compensated, codec.decode(body, expected_n=n))
         header = {
             "task": ann.task,

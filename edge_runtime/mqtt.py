@@ -61,6 +61,9 @@ class Connection:
     connected: threading.Event = field(default_factory=threading.Event)
     manual_ack: bool = False
     refused: str | None = None
+    _acks: dict[int, threading.Event] = field(default_factory=dict)
+    _reasons: dict[int, str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def publish(
         self,
@@ -70,18 +73,46 @@ class Connection:
         qos: int = 1,
         expiry_s: int | None = None,
         kind: str | None = None,
-        wait_s: float | None = 10.0,
-    ) -> mqtt.MQTTMessageInfo:
+        wait_s: float | None = 30.0,
+    ) -> None:
+        """Publish, and for QoS 1 wait (up to wait_s) for the broker's PUBACK, across a reconnect.
+
+        Paho keeps an unacknowledged QoS 1 message of a persistent session and sends it again after
+        reconnecting, so waiting on the PUBACK (not on the first send) is what makes it delivered.
+        A PUBACK with a failure reason (MQTT v5, e.g. 135 not authorized) raises BrokerError.
+        """
         props = Properties(PacketTypes.PUBLISH)
         props.ContentType = CONTENT_TYPE
         if expiry_s is not None:
             props.MessageExpiryInterval = max(1, int(expiry_s))
         if kind is not None:
             props.UserProperty = [("fhai-kind", kind), ("fhai-protocol", "1")]
+        if wait_s is not None:
+            self.connected.wait(wait_s)
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-        if wait_s is not None and qos > 0:
-            info.wait_for_publish(timeout=wait_s)
-        return info
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            raise BrokerError("FHAI-B003", "the outgoing MQTT queue is full: the broker is unreachable for too long")
+        if wait_s is None or qos == 0:
+            return
+        acked = self._ack_event(info.mid)
+        try:
+            if not acked.wait(wait_s):
+                raise BrokerError("FHAI-B004", f"no PUBACK for {topic} within {wait_s:.0f}s: is the broker reachable?")
+        finally:
+            with self._lock:
+                self._acks.pop(info.mid, None)
+        reason = self._reasons.pop(info.mid, None)
+        if reason is not None:
+            raise BrokerError("FHAI-B005", f"the broker refused the publish to {topic}: {reason}")
+
+    def _ack_event(self, mid: int) -> threading.Event:
+        with self._lock:
+            return self._acks.setdefault(mid, threading.Event())
+
+    def on_puback(self, mid: int, reason: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            self._reasons[mid] = str(reason)
+        self._ack_event(mid).set()
 
     def ack(self, msg: Inbound) -> None:
         """Acknowledge a QoS 1 message once what it carried is safely stored (manual-ack sessions)."""
@@ -150,7 +181,11 @@ def connect(
     def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         conn.inbox.put(Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos, bool(msg.retain)))
 
+    def on_publish(_c: mqtt.Client, _u: Any, mid: int, reason: Any, _props: Any) -> None:
+        conn.on_puback(mid, reason)
+
     client.on_connect = on_connect
+    client.on_publish = on_publish
     client.on_disconnect = on_disconnect
     client.on_message = on_message
     props = Properties(PacketTypes.CONNECT)
