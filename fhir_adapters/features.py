@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,6 +183,21 @@ class FeatureBuilder:
         self._onset: dict[str, float] = {}  # id -> earliest onset of a label condition
         self._seen_obs: set[str] = set()
         self._obs_per_pid: list[int] = []  # accepted Observations per pid index (to count orphans once)
+
+    def uses(self, res: dict[str, Any]) -> bool:
+        """Whether `res` would feed the table (strict mode validates exactly these)."""
+        rtype = res.get("resourceType")
+        try:
+            if rtype == "Patient":
+                return True
+            if rtype == "Observation":
+                return any((c.get("system"), c.get("code")) in self._by_code for c in res["code"]["coding"])
+            if rtype == "Condition":
+                codings = (res.get("code") or {}).get("coding") or ()
+                return any(self._is_label_code(c.get("system"), c.get("code")) for c in codings)
+        except (AttributeError, TypeError, KeyError):
+            return True  # malformed: let validation say why
+        return False
 
     # ---------------- hot loop ----------------
 
@@ -568,10 +586,54 @@ def build_feature_table(
     *,
     strict: bool = False,
     report: IngestReport | None = None,
+    workers: int | None = None,
 ) -> FeatureTable:
-    """Build a FeatureTable from a ResourceSource (anything with iter_resources) or an iterable of dicts."""
-    builder = FeatureBuilder(spec, strict=strict, report=report)
+    """Build a FeatureTable from a ResourceSource (anything with iter_resources) or an iterable of dicts.
+
+    strict=True validates every resource that feeds the table with fhir.resources R4B; that is CPU-bound,
+    so it runs in `workers` processes (default: one per CPU; 1 = in this process)."""
+    builder = FeatureBuilder(spec, strict=strict and workers == 1, report=report)
     if hasattr(resources, "iter_resources"):
         resources = resources.iter_resources(USED_TYPES, report=builder.report)
-    builder.add_all(resources)
+    n = workers if workers is not None else (os.cpu_count() or 1)
+    if strict and n > 1:
+        _add_validated_in_parallel(builder, resources, n)
+    else:
+        builder.add_all(resources)
     return builder.build()
+
+
+def _validate_batch(batch: list[dict[str, Any]]) -> list[str | None]:
+    return [v.r4b_errors(r) for r in batch]
+
+
+def _add_validated_in_parallel(builder: FeatureBuilder, resources: Iterable[dict[str, Any]], workers: int) -> None:
+    """Strict mode on several cores: resources the spec uses are validated in batches by a process pool
+    (a bounded number in flight, so memory stays flat) and fed to the builder as results come back."""
+    batch_size = 256
+    pending: deque[tuple[list[dict[str, Any]], Future[list[str | None]]]] = deque()
+
+    def drain_one() -> None:
+        batch, fut = pending.popleft()
+        for res, err in zip(batch, fut.result(), strict=True):
+            if err is None:
+                builder.add_all((res,))
+            else:
+                builder.report.reject(v.INVALID_RESOURCE, f"{res.get('resourceType')}/{res.get('id')}: {err}")
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        batch: list[dict[str, Any]] = []
+        for res in resources:
+            if not builder.uses(res):
+                builder.add_all((res,))  # ignored or rejected without validation, as in one process
+                continue
+            batch.append(res)
+            if len(batch) >= batch_size:
+                pending.append((batch, pool.submit(_validate_batch, batch)))
+                batch = []
+                if len(pending) > 2 * workers:
+                    drain_one()
+        if batch:
+            pending.append((batch, pool.submit(_validate_batch, batch)))
+        while pending:
+            drain_one()

@@ -291,12 +291,13 @@ def test_rejections_are_counted_by_reason_and_never_raise() -> None:
     assert col(t, "glu_n")[0] == 1 and col(t, "glu_latest")[0] == 100
 
 
-def test_strict_mode_rejects_what_the_fast_path_accepts() -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_strict_mode_rejects_what_the_fast_path_accepts(workers: int) -> None:
     bad = obs("a", day(-1), 100)
     bad["status"] = 5  # not a code: R4B refuses it, the fast path does not look
     res = [patient("a"), bad, {**patient("b"), "birthDate": "1960-02-30"}]
     fast = build_feature_table(ListSource(res), spec())
-    strict = build_feature_table(ListSource(res), spec(), strict=True)
+    strict = build_feature_table(ListSource(res), spec(), strict=True, workers=workers)
     assert col(fast, "glu_n")[0] == 1
     assert strict.report.rejected["invalid_resource"] == 2
     assert strict.patient_ids == ["a"] and col(strict, "glu_n")[0] == 0
