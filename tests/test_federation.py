@@ -106,7 +106,7 @@ def test_a_device_that_drops_mid_round_does_not_block_the_quorum(federation_fact
     fed.wait_done()
     accepted = fed.store.accepted_devices(fed.task.task, 2)
     assert accepted == set(site_folders) - {dropper}
-    round2 = [r for r in fed.store.rounds(fed.task.task) if r.round == 2][0]
+    round2 = next(r for r in fed.store.rounds(fed.task.task) if r.round == 2)
     assert dropper in json.loads(round2.cohort)
     assert round2.status == "committed"
 
