@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -360,6 +361,30 @@ def test_accumulator_snapshot_restore_equals_an_uninterrupted_round(spec: object
         for delta, weight in zip(deltas[7:], weights[7:], strict=True):
             second.add(delta, weight)
         np.testing.assert_array_equal(strategy.aggregate(params, second), expected)
+
+
+def test_spill_accumulator_resident_memory_is_bounded_by_its_chunk(tmp_path: Path) -> None:
+    """400 updates of 250k parameters (400 MB on disk), 8 MB chunks: aggregating must not map the file in."""
+    script = textwrap.dedent(
+        f"""
+        import json, resource, numpy as np
+        from coordinator.aggregation import build_strategy
+        strategy = build_strategy({{"name": "trimmed_mean", "beta": 0.1, "chunk_mb": 8}})
+        acc = strategy.new_accumulator(250_000, {str(tmp_path)!r})
+        rng = np.random.default_rng(0)
+        delta = rng.standard_normal(250_000).astype(np.float32)
+        for i in range(400):
+            acc.add(delta * np.float32(i % 7), 1.0)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        strategy.aggregate(np.zeros(250_000, np.float32), acc)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({{"growth_mb": (after - before) / 1024, "file_mb": acc.path.stat().st_size / 2**20}}))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], check=True, timeout=300, capture_output=True, text=True)
+    figures = json.loads(done.stdout)
+    assert figures["file_mb"] > 380
+    assert figures["growth_mb"] < 30, figures  # one 8 MB chunk, its sorted copy, the float64 result
 
 
 def test_spill_snapshot_survives_a_crash_and_drops_unacknowledged_rows(tmp_path: Path) -> None:

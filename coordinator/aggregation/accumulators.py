@@ -108,10 +108,12 @@ ROW_DTYPE = np.dtype(np.float32)
 class SpillAccumulator(UpdateAccumulator):
     """Keeps every update in a spill file (one float32 row per update) for statistics that need them all.
 
-    Rows are appended with plain writes, so written pages stay in the OS cache, not in this process.
-    `result()` maps the file with np.memmap once per chunk of parameters, copies that chunk's columns
-    out, computes the statistic and unmaps it again: resident memory is the chunk (`chunk_bytes`), not
-    the file, whatever the number of updates. Weights are recorded but these statistics are unweighted.
+    Rows are appended with plain writes and `result()` reads one chunk of parameters at a time with
+    positioned reads (each update's slice of the chunk is contiguous in the file) into one reused
+    buffer of `chunk_bytes`: file pages stay in the OS cache, never in this process, so resident
+    memory is the buffer and its sorted copy whatever the number of updates. (Reading through
+    np.memmap instead maps whole large folios per touched row on current kernels: 2.2 GB resident for
+    1,000 updates of 1M parameters, measured.) Weights are recorded; these statistics are unweighted.
     """
 
     kind = "spill"
@@ -168,16 +170,21 @@ class SpillAccumulator(UpdateAccumulator):
         k = self.count
         if not k:
             raise AggregationError("FHAI-A006", "no update was accepted in this round: nothing to aggregate")
-        assert self._path is not None
+        assert self._path is not None and self._file is not None
+        self._file.flush()
         out = np.empty(self.n_params, dtype=np.float64)
-        width = max(1, self.chunk_bytes // (k * ROW_DTYPE.itemsize))
-        for lo in range(0, self.n_params, width):
-            hi = min(lo + width, self.n_params)
-            # A fresh mapping per chunk, dropped right after: pages touched stay mapped (and count in
-            # this process's RSS) only while their chunk is being read.
-            rows = np.memmap(self._path, dtype=ROW_DTYPE, mode="r", shape=(k, self.n_params))
-            out[lo:hi] = self.statistic(rows[:, lo:hi])
-            del rows  # the last reference: unmaps the file
+        width = min(self.n_params, max(1, self.chunk_bytes // (k * ROW_DTYPE.itemsize)))
+        chunk = np.empty((k, width), dtype=ROW_DTYPE)
+        fd = os.open(self._path, os.O_RDONLY)
+        try:
+            for lo in range(0, self.n_params, width):
+                hi = min(lo + width, self.n_params)
+                for i in range(k):
+                    offset = i * self._row_bytes + lo * ROW_DTYPE.itemsize
+                    _read_exact(fd, chunk[i, : hi - lo].data.cast("B"), offset, self._path)
+                out[lo:hi] = self.statistic(chunk[:, : hi - lo])
+        finally:
+            os.close(fd)
         return out
 
     def snapshot(self) -> bytes:
@@ -248,3 +255,15 @@ class SpillAccumulator(UpdateAccumulator):
 def _remove_spill(spill: BinaryIO, path: Path) -> None:
     spill.close()
     path.unlink(missing_ok=True)
+
+
+def _read_exact(fd: int, into: memoryview, offset: int, path: Path) -> None:
+    """Fill `into` from the file at `offset` (pread may return less than asked)."""
+    done = 0
+    while done < into.nbytes:
+        n = os.preadv(fd, [into[done:]], offset + done)
+        if n <= 0:
+            raise AggregationError(
+                "FHAI-A008", f"spill file {path} ended early: it was truncated or removed while the round was open"
+            )
+        done += n
