@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.errors import EdgeError
-from edge_runtime.inference import InputQuantization, ModelCard, card_path
+from edge_runtime.inference import InputQuantization, ModelCard, save_model_files
 from edge_runtime.model import Model
 
 __all__ = [
@@ -259,24 +258,9 @@ def export_tflite(
     return Artifact(data, out, ".int8.tflite")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    # A device polling the directory must never see half a model.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_artifact(artifact: Artifact, out_dir: str | Path) -> dict[str, Path]:
     """Write `<name><suffix>`, and for TFLite its `<name>[.int8].card.json` beside it."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{artifact.card.name}{artifact.suffix}"
-    _write_atomic(path, artifact.data)
-    written = {"model": path}
-    if artifact.card.artifact_format == "tflite":
-        written["card"] = card_path(path)
-        _write_atomic(written["card"], artifact.card.to_json().encode())
-    return written
+    return save_model_files(artifact.data, artifact.card, artifact.suffix, Path(out_dir) / artifact.card.name)
 
 
 def export_all(

@@ -25,6 +25,7 @@ from coordinator.errors import CoordinatorError, RejectedUpdateError
 from coordinator.store import Evaluation, Round, Store, StoredUpdate
 from coordinator.task import TaskDefinition
 from edge_runtime import codec, wire
+from edge_runtime.inference import save_model_files
 from edge_runtime.keys import public_from_hex
 from edge_runtime.messages import (
     Announcement,
@@ -53,6 +54,8 @@ class _Stats:
     n_features: int | None = None
     total: np.ndarray | None = None
     total_sq: np.ndarray | None = None
+    columns: list[str] | None = None
+    units: list[str | None] | None = None
 
     def add(self, n: int, n_features: int, total: np.ndarray, total_sq: np.ndarray) -> None:
         if self.n_features is None:
@@ -94,6 +97,8 @@ class RoundManager:
         self.spec_hash = task.spec().spec_hash()
         self.model: Model | None = None
         self.model_round = -1
+        self.columns: list[str] = []  # the feature table's columns, as the sites reported them
+        self.units: list[str | None] = []
         self.state: RoundState | None = None
         self.online: set[str] = set()
         self._keys: dict[str, Ed25519PublicKey] = {}
@@ -148,6 +153,8 @@ class RoundManager:
         self.model = Model(spec, flat[:n].copy(), Standardizer(flat[n : n + d].copy(), flat[n + d :].copy()))
         self.model_round = cp.round
         self.strategy.load_state_dict(decode_state(cp.strategy_state))
+        meta = json.loads(cp.meta)
+        self.columns, self.units = meta.get("columns", []), meta.get("units", [])
 
     # opening rounds ------------------------------------------------------------------------------
     def _next_phase(self) -> tuple[int, str] | None:
@@ -285,13 +292,16 @@ class RoundManager:
             if frame.kind != "stats":
                 raise RejectedUpdateError("FHAI-R008", f"round {row.round} collects stats, got a {frame.kind} frame")
             stats = parse_header(frame, StatsHeader)
-            if state.stats.n_features not in (None, stats.n_features):
+            if len(stats.columns) != stats.n_features or len(stats.units) != stats.n_features:
+                raise RejectedUpdateError("FHAI-R011", "stats header lists a column count unlike n_features")
+            if state.stats.columns not in (None, stats.columns):
                 raise RejectedUpdateError(
                     "FHAI-R011",
-                    f"device has {stats.n_features} feature columns, others have {state.stats.n_features}: "
-                    "its feature spec differs from the task's",
+                    f"device's feature columns {stats.columns} differ from the other sites' {state.stats.columns}: "
+                    "its feature spec or runtime version differs from the task's",
                 )
             stats_from_body(frame.body, stats.n_features)
+            state.stats.columns, state.stats.units = stats.columns, stats.units
             return StoredUpdate(device, "stats", stats.n, None, frame.body), row.round
         if frame.kind != "update":
             raise RejectedUpdateError("FHAI-R008", f"round {row.round} collects updates, got a {frame.kind} frame")
@@ -440,6 +450,7 @@ class RoundManager:
             assert stats.n_features is not None and stats.total is not None and stats.total_sq is not None
             standardizer = Standardizer.from_moments(stats.n, stats.total, stats.total_sq)
             new = Model.create(self.task.model_spec(stats.n_features), self.task.seed, standardizer)
+            self.columns, self.units = list(stats.columns or []), list(stats.units or [])
         else:
             assert self.model is not None and self.state.accumulator is not None
             params = self.strategy.aggregate(self.model.params, self.state.accumulator)
@@ -452,6 +463,7 @@ class RoundManager:
             model_body(new),
             encode_state(self.strategy.state_dict()),
             closed_at=self.clock(),
+            meta=json.dumps({"columns": self.columns, "units": self.units}),
         )
         row.status = "committed"
         if self.state.accumulator is not None:
@@ -460,6 +472,37 @@ class RoundManager:
         log.info(
             "round %d committed: model %s from %d contributions", row.round, new.version(), len(self.state.accepted)
         )
+        export = self.task.export
+        if row.phase == "train" and export.formats and (export.every_round or row.round == self.task.rounds):
+            self._publish_artifacts(new, row.round, len(self.state.accepted))
+
+    def _publish_artifacts(self, model: Model, round_no: int, n_updates: int) -> None:
+        """Export the new global model for on-device inference and publish each format, retained."""
+        from coordinator.distribution import build_artifacts  # TensorFlow loads only when exports are asked for
+
+        artifacts = build_artifacts(
+            model,
+            self.task.export.formats,
+            name=self.task.task,
+            feature_spec_hash=self.spec_hash,
+            columns=self.columns,
+            units=self.units,
+            rounds=round_no,
+            metrics={"updates": float(n_updates)},
+        )
+        folder = self.spill_dir.parent / "exports" / f"round-{round_no}"
+        for fmt, artifact in artifacts.items():
+            header = {
+                "task": self.task.task,
+                "round": round_no,
+                "model_version": model.version(),
+                "format": fmt,
+                "card": artifact.card.to_dict(),
+            }
+            frame = wire.encode_frame("artifact", wire.COORDINATOR, header, artifact.data, self.key)
+            self.publish(wire.artifact_topic(self.task.task, fmt), frame, True)
+            save_model_files(artifact.data, artifact.card, artifact.suffix, folder / self.task.task)
+        log.info("round %d: published %s exports", round_no, ", ".join(artifacts))
 
     def _open_final_eval(self) -> None:
         assert self.model is not None

@@ -47,7 +47,7 @@ class CoordinatorService:
 
     def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
         assert self.conn is not None
-        kind = "model" if topic.endswith("/model") else "announce"
+        kind = wire.peek_header(payload)["kind"]
         self.conn.publish(topic, payload, retain=retain, kind=kind, wait_s=30)
 
     def _dispatch(self, msg: Inbound) -> None:

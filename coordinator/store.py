@@ -103,6 +103,7 @@ class Checkpoint(Base):
     spec: Mapped[str] = mapped_column(Text)
     model: Mapped[bytes] = mapped_column(LargeBinary)  # edge_runtime.messages.model_body layout
     strategy_state: Mapped[bytes] = mapped_column(LargeBinary)
+    meta: Mapped[str] = mapped_column(Text, default="{}")  # JSON: the feature columns and units
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
@@ -282,6 +283,7 @@ class Store:
         model: bytes,
         strategy_state: bytes,
         closed_at: float,
+        meta: str = "{}",
     ) -> None:
         """Checkpoint the new global model and mark the round committed, in one transaction."""
         with self.session() as s, s.begin():
@@ -293,6 +295,7 @@ class Store:
                     spec=spec,
                     model=model,
                     strategy_state=strategy_state,
+                    meta=meta,
                 )
             )
             r = s.scalars(select(Round).where(Round.task_id == task_id, Round.round == round_no)).one()

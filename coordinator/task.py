@@ -4,7 +4,7 @@ round rules (rounds, cohort, quorum, deadline). Loaded from YAML; see firmware_c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -22,6 +22,15 @@ class ModelSection(BaseModel):
 
     hidden: list[int] = Field(default_factory=list)
     n_classes: int = Field(2, ge=2)
+
+
+class ExportSection(BaseModel):
+    """Which on-device formats the coordinator exports and publishes (retained) after committed rounds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    formats: list[Literal["onnx", "tflite", "tflite_int8"]] = Field(default_factory=list)
+    every_round: bool = True  # False: only after the last round
 
 
 class TaskDefinition(BaseModel):
@@ -42,6 +51,7 @@ class TaskDefinition(BaseModel):
     deadline_extensions: int = Field(2, ge=0)
     train: dict[str, Any] = Field(default_factory=dict)
     codec: CodecSettings = Field(default_factory=CodecSettings)
+    export: ExportSection = Field(default_factory=ExportSection)
     seed: int = 0
 
     @model_validator(mode="after")

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime import codec, wire
+from edge_runtime.deployment import Deployment
 from edge_runtime.errors import EdgeError
+from edge_runtime.inference import ModelCard
 from edge_runtime.keys import load_or_create_signing_key, public_from_hex
-from edge_runtime.messages import Announcement, model_from_frame, parse_header, stats_body
+from edge_runtime.messages import Announcement, ArtifactHeader, model_from_frame, parse_header, stats_body
 from edge_runtime.metrics import evaluate, score_histograms
 from edge_runtime.model import Model
 from edge_runtime.mqtt import BrokerError, BrokerSettings, Connection, connect
@@ -52,6 +54,8 @@ class LocalSplit:
     y_train: np.ndarray
     X_hold: np.ndarray
     y_hold: np.ndarray
+    columns: list[str]
+    units: list[str | None]
 
 
 def holdout_mask(patient_ids: list[str], device_id: str, fraction: float) -> np.ndarray:
@@ -68,7 +72,14 @@ def holdout_mask(patient_ids: list[str], device_id: str, fraction: float) -> np.
 
 def split_table(table: FeatureTable, device_id: str, fraction: float) -> LocalSplit:
     hold = holdout_mask(table.patient_ids, device_id, fraction)
-    return LocalSplit(table.X[~hold], table.y[~hold].astype(np.int64), table.X[hold], table.y[hold].astype(np.int64))
+    return LocalSplit(
+        table.X[~hold],
+        table.y[~hold].astype(np.int64),
+        table.X[hold],
+        table.y[hold].astype(np.int64),
+        list(table.columns),
+        list(table.units),
+    )
 
 
 def round_seed(device_id: str, task: str, round_no: int) -> int:
@@ -90,6 +101,7 @@ class EdgeAgent:
         self._split: tuple[str, LocalSplit] | None = None
         self.conn: Connection | None = None
         self.finished = threading.Event()
+        self.deployment = Deployment(cfg.state_dir, cfg.task, cfg.profile)
 
     # state kept across restarts ------------------------------------------------------------------
     def _done_rounds(self) -> set[int]:
@@ -112,7 +124,7 @@ class EdgeAgent:
         self.conn = connect(
             f"fhai-edge-{device}",
             self.cfg.broker,
-            [wire.announce_topic(task), wire.model_topic(task)],
+            [wire.announce_topic(task), wire.model_topic(task), wire.artifact_topic(task, self.deployment.format)],
             will=(presence, json.dumps({"state": "offline"}).encode()),
             online=(presence, json.dumps({"state": "online", "profile": self.cfg.profile.profile}).encode()),
         )
@@ -139,11 +151,26 @@ class EdgeAgent:
                 _, self.model = model_from_frame(frame)
             elif frame.kind == "announce":
                 self.announcement = parse_header(frame, Announcement)
+                self.deployment.save_feature_spec(self.announcement.feature_spec, self.announcement.feature_spec_hash)
+            elif frame.kind == "artifact":
+                self._install(parse_header(frame, ArtifactHeader), frame.body)
+                return
             else:
                 raise wire.WireError("FHAI-W030", f"unexpected {frame.kind} frame on {topic}")
             self.work()
         except EdgeError as exc:
             log.error("%s: %s", topic, exc)
+
+    def _install(self, header: ArtifactHeader, body: bytes) -> None:
+        """Swap the inference model, if it was built for this device's features."""
+        if header.format != self.deployment.format:
+            raise wire.WireError(
+                "FHAI-W031", f"artifact in format {header.format}, this device runs {self.deployment.format}"
+            )
+        card = ModelCard.from_dict(header.card)
+        spec_hash = self.announcement.feature_spec_hash if self.announcement else None
+        columns = self._split[1].columns if self._split else None
+        self.deployment.install(body, card, spec_hash, columns)
 
     # one round -----------------------------------------------------------------------------------
     def work(self) -> None:
@@ -194,7 +221,14 @@ class EdgeAgent:
 
     def _send_stats(self, ann: Announcement, split: LocalSplit) -> None:
         X = split.X_train.astype(np.float64)
-        header = {"task": ann.task, "round": ann.round, "n": len(X), "n_features": X.shape[1]}
+        header = {
+            "task": ann.task,
+            "round": ann.round,
+            "n": len(X),
+            "n_features": X.shape[1],
+            "columns": split.columns,
+            "units": split.units,
+        }
         self._publish(
             wire.update_topic(ann.task, self.cfg.device_id), "stats", header, stats_body(X.sum(0), (X**2).sum(0)), ann
         )

@@ -77,6 +77,48 @@ def run(
 
 @app.command()
 @friendly_errors
+def predict(
+    task: Annotated[str, typer.Option(help="Task whose deployed model scores the patients")],
+    source: Annotated[str, typer.Option(help="FHIR R4 base URL, or a folder of Bulk ndjson / Bundles")],
+    out: Annotated[Path, typer.Option(help="CSV of patient ids and risk scores (kept on this device)")],
+    state_dir: StateDir = Path("state/edge"),
+    model: Annotated[Path | None, typer.Option(help="A .tflite or .onnx file instead of the deployed model")] = None,
+    token_file: Annotated[Path | None, typer.Option(help="File with the FHIR server's bearer token")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Score this hospital's patients with the task's deployed model (LiteRT or onnxruntime)."""
+    import csv
+
+    from edge_runtime.deployment import Deployment
+    from edge_runtime.inference import check_compatible, load_predictor
+    from edge_runtime.profile import DeviceProfile
+    from edge_runtime.site_data import SiteData, SourceConfig
+    from fhir_adapters.featurespec import parse_spec
+
+    setup_logging(state_dir / "edge.log", verbose)
+    deployment = Deployment(state_dir, task, DeviceProfile(profile="predict"))
+    spec = parse_spec(deployment.feature_spec())
+    predictor = load_predictor(model) if model else deployment.load_current()
+    table = SiteData(SourceConfig.parse(source, str(token_file) if token_file else None), state_dir).table(spec)
+    check_compatible(predictor.card, spec.spec_hash(), table.columns)
+    proba = predictor.predict_proba(table.X)
+    risk = proba[:, 1] if proba.shape[1] == 2 else proba.max(axis=1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["patient_id", "index_date", "risk"])
+        for pid, day, r in zip(table.patient_ids, table.index_dates(), risk, strict=True):
+            writer.writerow([pid, day, f"{r:.6f}"])
+    summary = Table(title=f"Scored with model {predictor.card.model_version} ({predictor.backend})")
+    for col in ("patients", "mean risk", "risk >= 0.5"):
+        summary.add_column(col, justify="right")
+    summary.add_row(str(len(risk)), f"{risk.mean():.3f}", str(int((risk >= 0.5).sum())))
+    console.print(summary)
+    console.print(f"scores written to {out}")
+
+
+@app.command()
+@friendly_errors
 def status(state_dir: StateDir = Path("state/edge")) -> None:
     """What this device has done: rounds per task, and whether it holds an error-feedback residual."""
     table = Table(title=f"Device state in {state_dir}")

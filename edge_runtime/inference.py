@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -182,6 +183,28 @@ class ModelCard:
 def card_path(artifact: str | Path) -> Path:
     """`model.tflite` -> `model.card.json`; `model.int8.tflite` -> `model.int8.card.json`."""
     return Path(artifact).with_suffix(".card.json")
+
+
+ARTIFACT_SUFFIX = {"onnx": ".onnx", "tflite": ".tflite", "tflite_int8": ".int8.tflite"}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    # A device loading the folder must never see half a model.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_model_files(data: bytes, card: ModelCard, suffix: str, stem: Path) -> dict[str, Path]:
+    """Write `<stem><suffix>` and, for TFLite, its card beside it (ONNX carries its card inside)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    path = stem.with_name(stem.name + suffix)
+    _write_atomic(path, data)
+    written = {"model": path}
+    if card.artifact_format == "tflite":
+        written["card"] = card_path(path)
+        _write_atomic(written["card"], card.to_json().encode())
+    return written
 
 
 def check_compatible(card_or_meta: ModelCard | dict[str, str], spec_hash: str, columns: list[str]) -> None:

@@ -64,6 +64,16 @@ class UpdateHeader(_Header):
 class StatsHeader(_Header):
     n: int = Field(gt=0)
     n_features: int = Field(gt=0)
+    columns: list[str]  # the feature table's column names and units, identical at every site
+    units: list[str | None]
+
+
+class ArtifactHeader(_Header):
+    """An exported model (ONNX / TFLite) for on-device inference; `card` is edge_runtime.inference.ModelCard."""
+
+    model_version: str
+    format: Literal["onnx", "tflite", "tflite_int8"]
+    card: dict[str, Any]
 
 
 class EvalHeader(_Header):

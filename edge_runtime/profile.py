@@ -24,6 +24,7 @@ class DeviceProfile(BaseModel):
     memory_budget_mb: float = Field(256.0, gt=0)
     holdout_fraction: float = Field(0.2, ge=0.05, le=0.5)
     inference_backend: Literal["litert", "onnxruntime"] = "litert"
+    inference_precision: Literal["float", "int8"] = "float"  # int8: LiteRT full-integer model
 
 
 def load_profile(name_or_path: str | Path) -> DeviceProfile:
