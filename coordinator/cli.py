@@ -10,6 +10,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
+from coordinator.security_cli import DEFAULT_BROKER_DIR, register_security_commands, revoke_broker_account
 from coordinator.store import Store as StoreClass
 from edge_runtime.console import console, friendly_errors, parse_broker, setup_logging
 
@@ -159,11 +160,23 @@ def devices_list(store: Store = DEFAULT_STORE) -> None:
 
 @devices_app.command("revoke")
 @friendly_errors
-def devices_revoke(device_id: Annotated[str, typer.Argument()], store: Store = DEFAULT_STORE) -> None:
-    """Stop accepting anything signed by DEVICE_ID."""
+def devices_revoke(
+    device_id: Annotated[str, typer.Argument()],
+    store: Store = DEFAULT_STORE,
+    broker_dir: Annotated[
+        Path, typer.Option(help="Broker folder from `init`: also delete the device's broker account")
+    ] = DEFAULT_BROKER_DIR,
+    plain: Annotated[bool, typer.Option(help="Reach the broker through its loopback plain listener")] = False,
+) -> None:
+    """Stop accepting anything signed by DEVICE_ID, and delete its broker account (which ends its session)."""
     if not _open_store(store).revoke_device(device_id):
         raise typer.BadParameter(f"no device {device_id!r}")
     console.print(f"device {device_id} revoked")
+    if (broker_dir / "broker.json").exists():
+        revoke_broker_account(broker_dir, device_id, plain)
+        console.print(f"broker account {device_id} deleted; its session was closed")
+    else:
+        console.print(f"[yellow]no broker folder at {broker_dir}[/]: the device's broker account, if any, remains")
 
 
 @app.command()
@@ -172,6 +185,7 @@ def demo(
     rounds: Annotated[int, typer.Option(min=1, max=200, help="Training rounds")] = 10,
     bits: Annotated[int, typer.Option(help="Update quantization: 4, 8 or 32 bits")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic hospitals")] = 7,
+    exports: Annotated[bool, typer.Option(help="Export and push ONNX/TFLite models after each round")] = True,
     broker: Annotated[str | None, typer.Option(help="Use this MQTT broker HOST:PORT instead of starting one")] = None,
     out: Annotated[Path, typer.Option(help="Working folder (wiped first)")] = Path("runs/demo"),
     docs: Annotated[Path, typer.Option(help="Where the figures and plots go")] = Path("docs/benchmarks"),
@@ -182,8 +196,18 @@ def demo(
     if bits not in (4, 8, 32):
         raise typer.BadParameter("--bits must be 4, 8 or 32")
     setup_logging(out.parent / f"{out.name}.log")
-    run_demo(out, rounds=rounds, bits=bits, seed=seed, broker=parse_broker(broker) if broker else None, docs=docs)
+    run_demo(
+        out,
+        rounds=rounds,
+        bits=bits,
+        seed=seed,
+        broker=parse_broker(broker) if broker else None,
+        docs=docs,
+        exports=exports,
+    )
 
+
+register_security_commands(app, DEFAULT_STORE, _open_store, Path("state/coordinator"))
 
 if __name__ == "__main__":
     app()

@@ -55,11 +55,13 @@ class DemoResult:
         return float(np.mean(list(self.auroc_local.values())))
 
 
-def demo_task(rounds: int, bits: int, run_id: str) -> TaskDefinition:
+def demo_task(rounds: int, bits: int, run_id: str, exports: bool = True) -> TaskDefinition:
     base = load_task(TASK_FILE)
     data = base.model_dump()
     data.update(task=f"{base.task}-{run_id}", rounds=rounds)
     data["codec"] = {**data["codec"], "bits": bits}
+    if not exports:
+        data["export"] = {"formats": []}
     return TaskDefinition.model_validate(data)
 
 
@@ -86,13 +88,14 @@ def run_demo(
     broker: tuple[str, int] | None = None,
     docs: Path = Path("docs/benchmarks"),
     timeout_s: float = 900.0,
+    exports: bool = True,
 ) -> DemoResult:
     started = time.monotonic()
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     run_id = f"s{seed}-{int(time.time())}"
-    task = demo_task(rounds, bits, run_id)
+    task = demo_task(rounds, bits, run_id, exports)
 
     console.rule("[bold]FH-AI federated demo")
     hospitals = generate_hospitals(5, seed=seed)

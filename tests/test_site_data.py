@@ -1,0 +1,66 @@
+"""A device's data from a real FHIR server: the local mirror syncs incrementally and builds the same table."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.site_data import SiteData, SourceConfig
+from fhir_adapters.auth import BearerAuth
+from fhir_adapters.client import FhirClient
+from fhir_adapters.errors import FhirAuthError
+from fhir_adapters.features import build_feature_table
+from fhir_adapters.featurespec import FeatureSpec, load_spec
+from fhir_adapters.synthetic import generate_hospitals
+from tests.fixtures.sekmet import SekmetServer, start_sekmet
+
+TASK = Path(__file__).resolve().parents[1] / "firmware_configs" / "tasks" / "synthetic_diabetes.yaml"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[SekmetServer]:
+    s = start_sekmet()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def spec() -> FeatureSpec:
+    return load_spec(TASK)
+
+
+def test_mirror_pulls_only_what_changed_and_matches_the_files(
+    tmp_path: Path, server: SekmetServer, spec: FeatureSpec
+) -> None:
+    first, second = generate_hospitals(2, seed=21, sizes=[40, 25])
+    token = tmp_path / "token"
+    token.write_text(server.token or "")
+    with FhirClient(server.base_url, auth=BearerAuth(server.token or "")) as client:
+        first.load_into(client, patients_per_bundle=20)
+    data = SiteData(SourceConfig.parse(server.base_url, token_file=str(token)), tmp_path / "state")
+    assert data.mirror is not None
+
+    table = data.table(spec)
+    assert table.equals(build_feature_table(first, spec))
+    assert data.mirror.refresh() == {"Patient": 0, "Observation": 0, "Condition": 0}  # nothing new
+
+    with FhirClient(server.base_url, auth=BearerAuth(server.token or "")) as client:
+        second.load_into(client, patients_per_bundle=20)
+    pulled = data.mirror.refresh()
+    assert pulled["Patient"] == second.n_patients
+    assert pulled["Observation"] == sum(1 for _ in second.resources(["Observation"]))
+    both = build_feature_table(iter([*first.resources(), *second.resources()]), spec)
+    assert build_feature_table(data.mirror.source(), spec).equals(both)
+
+
+def test_mirror_refuses_a_wrong_token_and_keeps_its_cursor(
+    tmp_path: Path, server: SekmetServer, spec: FeatureSpec
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("not-the-token")
+    data = SiteData(SourceConfig.parse(server.base_url, token_file=str(token)), tmp_path / "state")
+    with pytest.raises(FhirAuthError):
+        data.table(spec)
+    assert data.mirror is not None and not data.mirror.cursor_file.exists()
