@@ -218,12 +218,48 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {lab} | {ms[f'encode_{lab}']:.2f} | {ms[f'decode_{lab}']:.2f} | {ms[f'decode_fold_{lab}']:.2f} | "
             f"{t['decode_fold_updates_per_s'][lab]:.0f} |"
         )
+    if "auroc" in results:
+        a = results["auroc"]
+        lines += [
+            "",
+            f"## AUROC cost of quantization (the demo federation, {a['rounds']} rounds, same seed)",
+            "",
+            "| updates | pooled held-out AUROC | delta vs float32 |",
+            "|---|---:|---:|",
+            f"| float32 | {a['auroc_float32']:.4f} | |",
+            *(
+                f"| {b} bit | {a[f'auroc_{b}bit']:.4f} | {a[f'auroc_delta_{b}bit']:+.4f} |"
+                for b in (8, 4)
+                if f"auroc_{b}bit" in a
+            ),
+        ]
     m = results["machine"]
     lines += ["", f"Machine: {m['processor'] or m['machine']}, {m['cpus']} CPUs (shared), Python {m['python']}.", ""]
     return "\n".join(lines)
 
 
-def run(repeats: int, write: bool) -> dict[str, Any]:
+def auroc_section(bits_list: tuple[int, ...] = (32, 8, 4)) -> dict[str, Any]:
+    """The demo federation (real Mosquitto, five edge processes) once per update width, same seed."""
+    import tempfile
+
+    from coordinator.demo import run_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {
+            bits: run_demo(Path(tmp) / f"demo-{bits}", bits=bits, docs=Path(tmp) / f"docs-{bits}", exports=False)
+            for bits in bits_list
+        }
+    base = runs[32].auroc_federated
+    return {
+        "auroc_float32": base,
+        **{f"auroc_{b}bit": runs[b].auroc_federated for b in bits_list if b != 32},
+        **{f"auroc_delta_{b}bit": runs[b].auroc_federated - base for b in bits_list if b != 32},
+        "rounds": runs[32].rounds,
+        "task": "firmware_configs/tasks/synthetic_diabetes.yaml (coordinator demo)",
+    }
+
+
+def run(repeats: int, write: bool, with_auroc: bool = True) -> dict[str, Any]:
     deltas = {name: trained_delta(spec, rows) for name, (spec, rows) in MODELS.items()}
     by_model = bytes_section(deltas)
     spec_1m = MODELS["mlp_1m"][0]
@@ -248,6 +284,9 @@ def run(repeats: int, write: bool) -> dict[str, Any]:
         },
         "command": "python bench/codec.py",
     }
+    if with_auroc:
+        auroc = auroc_section()
+        results = {**{k: v for k, v in auroc.items() if k.startswith("auroc_delta")}, **results, "auroc": auroc}
     if write:
         out = ROOT / "docs" / "benchmarks"
         out.mkdir(parents=True, exist_ok=True)
@@ -261,7 +300,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="5 repeats, print only")
     args = parser.parse_args()
-    results = run(5 if args.quick else args.repeats, write=not args.quick)
+    results = run(5 if args.quick else args.repeats, write=not args.quick, with_auroc=not args.quick)
     print(markdown(results))
 
 
