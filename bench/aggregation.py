@@ -162,7 +162,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--n-params", type=int, default=1_000_000)
     parser.add_argument("--counts", type=int, nargs=2, default=[100, 1000], metavar=("SMALL", "LARGE"))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
@@ -202,7 +202,7 @@ def main() -> None:
     fedavg = per_strategy.get("fedavg", {})
     report: dict[str, Any] = {
         "benchmark": "aggregation",
-        "command": "python bench/aggregation.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python bench/aggregation.py", *sys.argv[1:]]),
         "n_params": args.n_params,
         "bits": 8,
         "block_size": 256,
@@ -218,6 +218,7 @@ def main() -> None:
             "python": platform.python_version(),
             "numpy": np.__version__,
             "platform": platform.platform(),
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         },
     }
     if fedavg:

@@ -78,6 +78,12 @@ def test_squared_norm_in_float64_even_where_float32_overflows() -> None:
     x = np.array([3e19, 4e19, 1.5], np.float32)
     assert agg_math.squared_norm(x) == pytest.approx(float(np.sum(x.astype(np.float64) ** 2)), rel=1e-15)
     assert np.isfinite(agg_math.squared_norm(x))
+    big = np.random.default_rng(0).standard_normal(10_001).astype(np.float32)
+    assert agg_math.squared_norm(big) == pytest.approx(float(np.sum(big.astype(np.float64) ** 2)), rel=1e-13)
+    big[7777] = np.nan
+    assert np.isnan(agg_math.squared_norm(big))
+    big[7777] = -np.inf
+    assert agg_math.squared_norm(big) == np.inf
 
 
 @pytest.mark.parametrize("k", [1, 2, 7, 8, 40])

@@ -112,8 +112,8 @@ class SpillAccumulator(UpdateAccumulator):
     positioned reads (each update's slice of the chunk is contiguous in the file) into one reused
     buffer of `chunk_bytes`: file pages stay in the OS cache, never in this process, so resident
     memory is the buffer and its sorted copy whatever the number of updates. (Reading through
-    np.memmap instead maps whole large folios per touched row on current kernels: 2.2 GB resident for
-    1,000 updates of 1M parameters, measured.) Weights are recorded; these statistics are unweighted.
+    np.memmap instead left 2.2 GB resident for 1,000 updates of 1M parameters, measured: the kernel
+    maps much more than each row's touched slice.) Weights are recorded; these statistics are unweighted.
     """
 
     kind = "spill"
