@@ -92,3 +92,39 @@ class LocalBroker:
 
 def start_local_broker(workdir: Path, port: int | None = None) -> LocalBroker:
     return LocalBroker(workdir, port or free_port()).start()
+
+
+def start_mosquitto(
+    config: Path, port: int, host: str = "127.0.0.1", log_file: Path | None = None, timeout_s: float = 10.0
+) -> subprocess.Popen[bytes]:
+    """Start Mosquitto on a ready-made config (e.g. `fhai-coordinator init`'s) and wait until host:port listens.
+
+    umask 077: what the broker writes (the dynamic-security JSON with its password hashes, persistence)
+    is readable by its owner only.
+    """
+    process = subprocess.Popen(
+        [mosquitto_binary(), "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, umask=0o077
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            err = process.stderr.read().decode() if process.stderr else ""
+            raise CoordinatorError("FHAI-B011", f"mosquitto exited at start: {err.strip() or log_file or config}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return process
+        except OSError:
+            time.sleep(0.05)
+    stop_mosquitto(process)
+    raise CoordinatorError("FHAI-B012", f"mosquitto did not listen on {host}:{port} within {timeout_s}s")
+
+
+def stop_mosquitto(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, so Mosquitto writes its persistence file; SIGKILL if it does not exit within 10 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -6,6 +6,7 @@ coordinator killed at any moment re-folds exactly the updates it had accepted wh
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    func,
     select,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -331,3 +334,71 @@ class Store:
                     .order_by(Evaluation.round, Evaluation.device_id)
                 )
             )
+
+    # enrollment tokens (coordinator/enrollment.py): only their SHA-256 is stored
+    def add_tokens(self, token_hashes: list[str], site: str, expires_at: float) -> None:
+        with self.session() as s, s.begin():
+            s.add_all(EnrollmentToken(token_hash=h, site=site, expires_at=expires_at) for h in token_hashes)
+
+    def claim_token(self, token_hash: str, now: float) -> EnrollmentToken:
+        """Mark a live token used, atomically (two requests with one token: one wins); raise if it is not live."""
+        with self.session() as s, s.begin():
+            claimed = s.execute(
+                update(EnrollmentToken)
+                .where(
+                    EnrollmentToken.token_hash == token_hash,
+                    EnrollmentToken.used_at.is_(None),
+                    EnrollmentToken.expires_at > now,
+                )
+                .values(used_at=now)
+            )
+            row = s.get(EnrollmentToken, token_hash)
+            # The lookup is by primary key; compare the whole hash once more in constant time.
+            if row is None or not hmac.compare_digest(row.token_hash, token_hash):
+                raise CoordinatorError("FHAI-E030", "unknown enrollment token: check it was copied whole")
+            if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                if row.used_at is not None:
+                    raise CoordinatorError("FHAI-E031", "this enrollment token was already used: ask for a new one")
+                raise CoordinatorError("FHAI-E032", "this enrollment token has expired: ask for a new one")
+            return row
+
+    def complete_token(self, token_hash: str, device_id: str, profile: str) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(EnrollmentToken, token_hash)
+            if row is not None:
+                row.device_id, row.profile = device_id, profile
+
+    def release_token(self, token_hash: str) -> None:
+        """Give a claimed token back (the enrollment failed on our side, not the device's)."""
+        with self.session() as s, s.begin():
+            row = s.get(EnrollmentToken, token_hash)
+            if row is not None and row.device_id is None:
+                row.used_at = None
+
+    def live_tokens(self, now: float) -> int:
+        with self.session() as s:
+            return int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(EnrollmentToken)
+                    .where(EnrollmentToken.used_at.is_(None), EnrollmentToken.expires_at > now)
+                )
+                or 0
+            )
+
+    def tokens(self) -> list[EnrollmentToken]:
+        with self.session() as s:
+            return list(s.scalars(select(EnrollmentToken).order_by(EnrollmentToken.created_at)))
+
+
+class EnrollmentToken(Base):
+    """A one-time enrollment token, by the SHA-256 of its text (the token itself is never stored)."""
+
+    __tablename__ = "enrollment_tokens"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    site: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    expires_at: Mapped[float] = mapped_column(Float)
+    used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    device_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # who enrolled with it
+    profile: Mapped[str | None] = mapped_column(Text, nullable=True)  # the device profile it sent (JSON)

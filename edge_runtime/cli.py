@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,8 @@ import typer
 from rich.table import Table
 
 from edge_runtime.console import console, friendly_errors, parse_broker, setup_logging
+from edge_runtime.enroll import load_credentials
+from edge_runtime.enroll_cli import register_enroll_command
 from edge_runtime.keys import load_or_create_signing_key, public_hex
 from edge_runtime.mqtt import BrokerSettings
 
@@ -36,8 +39,12 @@ def run(
     coordinator_key: Annotated[str, typer.Option(help="Coordinator's public key (hex) or a file holding it")],
     state_dir: StateDir = Path("state/edge"),
     profile: Annotated[str, typer.Option(help="Device profile name or YAML path")] = "gateway",
-    broker: Annotated[str, typer.Option(help="MQTT broker HOST:PORT")] = "127.0.0.1:1883",
-    username: Annotated[str | None, typer.Option(help="MQTT username")] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="MQTT broker HOST:PORT (default: the enrolled one, else 127.0.0.1:1883)")
+    ] = None,
+    username: Annotated[
+        str | None, typer.Option(help="MQTT username (default: STATE_DIR/credentials.json from `enroll`)")
+    ] = None,
     password_file: Annotated[Path | None, typer.Option(help="File with the MQTT password")] = None,
     tls_ca: Annotated[Path | None, typer.Option(help="CA certificate: connect with TLS")] = None,
     token_file: Annotated[Path | None, typer.Option(help="File with the FHIR server's bearer token")] = None,
@@ -52,7 +59,20 @@ def run(
     from edge_runtime.site_data import SourceConfig
 
     setup_logging(log_file or state_dir / "edge.log", verbose)
-    host, port = parse_broker(broker)
+    host, port = parse_broker(broker or "127.0.0.1:1883")
+    settings = BrokerSettings(
+        host,
+        port,
+        username=username,
+        password=password_file.read_text().strip() if password_file else None,
+        ca_file=str(tls_ca) if tls_ca else None,
+    )
+    enrolled = load_credentials(state_dir) if username is None else None
+    if enrolled is not None:  # the account `fhai-edge enroll` stored
+        if enrolled.device_id != device_id:
+            raise typer.BadParameter(f"{state_dir} is enrolled as {enrolled.device_id!r}, not {device_id!r}")
+        settings = enrolled.broker if broker is None else replace(enrolled.broker, host=host, port=port)
+        settings = settings if tls_ca is None else replace(settings, ca_file=str(tls_ca))
     key_text = Path(coordinator_key).read_text().strip() if Path(coordinator_key).is_file() else coordinator_key
     cfg = AgentConfig(
         device_id=device_id,
@@ -61,16 +81,12 @@ def run(
         source=SourceConfig.parse(source, str(token_file) if token_file else None, str(fhir_ca) if fhir_ca else None),
         profile=load_profile(profile),
         coordinator_key=key_text,
-        broker=BrokerSettings(
-            host,
-            port,
-            username=username,
-            password=password_file.read_text().strip() if password_file else None,
-            ca_file=str(tls_ca) if tls_ca else None,
-        ),
+        broker=settings,
         exit_when_done=not stay,
     )
-    console.print(f"[bold]{device_id}[/] joining task [bold]{task}[/] on {broker} (data: {source})")
+    console.print(
+        f"[bold]{device_id}[/] joining task [bold]{task}[/] on {settings.host}:{settings.port} (data: {source})"
+    )
     EdgeAgent(cfg).run()
     console.print(f"[green]task {task} finished[/]")
 
@@ -131,6 +147,8 @@ def status(state_dir: StateDir = Path("state/edge")) -> None:
         table.add_row(task, str(len(done)), str(max(done) if done else "-"), "yes" if residual.exists() else "no")
     console.print(table)
 
+
+register_enroll_command(app)
 
 if __name__ == "__main__":
     app()

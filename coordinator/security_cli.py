@@ -1,0 +1,168 @@
+"""The coordinator's security commands: `init`, `broker`, `tokens create|list`, `enroll-service`, and the
+broker side of `devices revoke`. Registered on coordinator/cli.py's app by register_security_commands."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from coordinator.store import Store
+from edge_runtime.console import console, friendly_errors, setup_logging
+
+BrokerDirOpt = Annotated[Path, typer.Option("--broker-dir", help="Broker folder made by `fhai-coordinator init`")]
+DEFAULT_BROKER_DIR = Path("state/broker")
+# Module level: typer resolves the (string) annotations in the module's namespace.
+StoreOpt = Annotated[str, typer.Option("--store", help="SQLAlchemy URL of the coordinator store")]
+WorkDirOpt = Annotated[Path, typer.Option("--work-dir", help="Coordinator key, spill files and logs")]
+
+
+def revoke_broker_account(broker_dir: Path, device_id: str, plain: bool = False) -> None:
+    """Delete the device's broker account and role; the broker ends its live session at once."""
+    from coordinator.dynsec import DynsecAdmin
+    from coordinator.security import BrokerDir
+
+    with DynsecAdmin(BrokerDir.load(broker_dir).settings("admin", plain=plain)) as admin:
+        admin.delete_device(device_id)
+
+
+def register_security_commands(
+    app: typer.Typer, default_store: str, open_store: Callable[[str], Store], default_work_dir: Path
+) -> None:
+    tokens_app = typer.Typer(help="One-time enrollment tokens")
+    app.add_typer(tokens_app, name="tokens")
+
+    @app.command()
+    @friendly_errors
+    def init(
+        folder: Annotated[
+            Path, typer.Option("--dir", help="Folder for the broker's CA, certificate, config and secrets")
+        ] = DEFAULT_BROKER_DIR,
+        host: Annotated[
+            str, typer.Option(help="Name or address devices use to reach the broker (in the certificate)")
+        ] = "127.0.0.1",
+        tls_port: Annotated[int, typer.Option(help="TLS listener port")] = 8883,
+        plain_port: Annotated[
+            int | None, typer.Option(help="Also a plain listener on 127.0.0.1 (coordinator on this host only)")
+        ] = None,
+        bind: Annotated[str, typer.Option(help="Address the TLS listener binds to")] = "0.0.0.0",
+        san: Annotated[
+            list[str] | None, typer.Option(help="More names or addresses for the certificate (repeatable)")
+        ] = None,
+        plugin: Annotated[str | None, typer.Option(help="Path of mosquitto_dynamic_security.so")] = None,
+        work_dir: WorkDirOpt = default_work_dir,
+    ) -> None:
+        """Create a CA, the broker's TLS certificate, its Mosquitto config with dynamic security, and the
+        admin, coordinator and bootstrap accounts (secrets mode 0600)."""
+        from coordinator.security import init_broker_dir
+        from edge_runtime.keys import load_or_create_signing_key, public_hex
+
+        layout = init_broker_dir(folder, host, tls_port, plain_port, bind, plugin, tuple(san or ()))
+        coordinator_key = public_hex(load_or_create_signing_key(work_dir / "coordinator.key"))
+        table = Table(title=f"Broker folder {layout.root}", show_header=False)
+        table.add_row("start the broker", f"fhai-coordinator broker --dir {folder}")
+        table.add_row("TLS listener", f"{host}:{tls_port} (bound to {bind})")
+        if plain_port is not None:
+            table.add_row("plain listener", f"127.0.0.1:{plain_port} (loopback, credentials required)")
+        table.add_row("give every device", f"{layout.ca_file}, {layout.password_file('bootstrap')}, a token")
+        table.add_row("bootstrap user", layout.username("bootstrap"))
+        table.add_row("coordinator user", f"{layout.username('coordinator')} ({layout.password_file('coordinator')})")
+        table.add_row("coordinator key", coordinator_key)
+        table.add_row("CA key", f"{layout.secrets / 'ca.key'}: move it offline; only re-issuing certificates needs it")
+        console.print(table)
+
+    @app.command()
+    @friendly_errors
+    def broker(
+        folder: Annotated[
+            Path, typer.Option("--dir", help="Broker folder made by `fhai-coordinator init`")
+        ] = DEFAULT_BROKER_DIR,
+    ) -> None:
+        """Run the broker of an `init` folder in the foreground (Ctrl-C stops it)."""
+        from coordinator.broker import start_mosquitto, stop_mosquitto
+        from coordinator.security import BrokerDir
+
+        layout = BrokerDir.load(folder)
+        process = start_mosquitto(layout.config_file, layout.tls_port, "127.0.0.1", layout.log_file)
+        console.print(f"mosquitto running (pid {process.pid}), log: {layout.log_file}")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.is_set() and process.poll() is None:
+                stop.wait(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop_mosquitto(process)
+        if process.returncode not in (0, -signal.SIGTERM):
+            console.print(f"[bold red]mosquitto exited with {process.returncode}[/]: see {layout.log_file}")
+            raise typer.Exit(1)
+
+    @tokens_app.command("create")
+    @friendly_errors
+    def tokens_create(
+        site: Annotated[str, typer.Option(help="Hospital / site the enrolled devices belong to")],
+        count: Annotated[int, typer.Option(min=1, max=1000, help="How many tokens")] = 1,
+        ttl: Annotated[str, typer.Option(help="Lifetime: 90s, 30m, 24h, 7d")] = "24h",
+        store: StoreOpt = default_store,
+    ) -> None:
+        """Print COUNT one-time enrollment tokens for SITE, one per line (only their hashes are kept)."""
+        from coordinator.enrollment import create_tokens, parse_ttl
+
+        ttl_s = parse_ttl(ttl)
+        tokens = create_tokens(open_store(store), site, count, ttl_s)
+        console.print(f"{count} token(s) for site [bold]{site}[/], valid until {time.ctime(time.time() + ttl_s)}")
+        for token in tokens:
+            print(token)
+
+    @tokens_app.command("list")
+    @friendly_errors
+    def tokens_list(store: StoreOpt = default_store) -> None:
+        """Tokens by state (the tokens themselves are not stored, so they cannot be shown again)."""
+        now = time.time()
+        table = Table(title="Enrollment tokens")
+        for col in ("hash", "site", "state", "expires", "device"):
+            table.add_column(col)
+        for t in open_store(store).tokens():
+            state = "used" if t.used_at is not None else ("expired" if t.expires_at <= now else "live")
+            table.add_row(t.token_hash[:12], t.site, state, time.ctime(t.expires_at), t.device_id or "")
+        console.print(table)
+
+    @app.command("enroll-service")
+    @friendly_errors
+    def enroll_service(
+        broker_dir: BrokerDirOpt = DEFAULT_BROKER_DIR,
+        store: StoreOpt = default_store,
+        work_dir: WorkDirOpt = default_work_dir,
+        plain: Annotated[bool, typer.Option(help="Connect through the loopback plain listener")] = False,
+        verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+    ) -> None:
+        """Answer enrollment requests: check the token, create the device's broker account and register its key."""
+        from coordinator.dynsec import DynsecAdmin
+        from coordinator.enrollment import EnrollmentService
+        from coordinator.security import BrokerDir
+        from edge_runtime.keys import load_or_create_signing_key
+
+        setup_logging(work_dir / "enrollment.log", verbose)
+        layout = BrokerDir.load(broker_dir)
+        settings = layout.settings("admin", plain=plain)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        with DynsecAdmin(settings) as admin:
+            service = EnrollmentService(
+                open_store(store),
+                load_or_create_signing_key(work_dir / "coordinator.key"),
+                admin,
+                settings,
+                bootstrap_user=layout.username("bootstrap"),
+            )
+            console.print(f"enrollment service on {settings.host}:{settings.port} (Ctrl-C stops it)")
+            with contextlib.suppress(KeyboardInterrupt):
+                service.run(stop)
