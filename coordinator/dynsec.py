@@ -179,7 +179,7 @@ class DynsecAdmin:
         for cmd, resp in zip(commands, responses, strict=True):
             error = resp.get("error")
             if error and error not in ignore:
-                raise DynsecError("FHAI-D002", f"the broker refused {cmd['command']}: {error}")
+                raise DynsecError("FHAI-Y012", f"the broker refused {cmd['command']}: {error}")
         return responses
 
     def _responses(self, tag: str, n: int) -> list[dict[str, Any]]:
@@ -189,7 +189,7 @@ class DynsecAdmin:
                 msg = self.conn.inbox.get(timeout=self.timeout_s)
             except queue.Empty:
                 raise DynsecError(
-                    "FHAI-D001",
+                    "FHAI-Y011",
                     f"no answer from the dynamic-security plugin within {self.timeout_s:.0f}s: "
                     "is the broker running with it, and may this account use $CONTROL?",
                 ) from None

@@ -49,14 +49,14 @@ def parse_ttl(text: str) -> float:
     """'90s', '30m', '24h', '7d' -> seconds."""
     m = _TTL.match(text.strip())
     if m is None or int(m.group(1)) == 0:
-        raise CoordinatorError("FHAI-E040", f"token lifetime {text!r}: use a number and s, m, h or d, e.g. 24h")
+        raise CoordinatorError("FHAI-N040", f"token lifetime {text!r}: use a number and s, m, h or d, e.g. 24h")
     return float(int(m.group(1)) * _UNITS[m.group(2)])
 
 
 def create_tokens(store: Store, site: str, count: int, ttl_s: float, now: float | None = None) -> list[str]:
     """`count` one-time tokens for `site`, valid for ttl_s; only their hashes are stored."""
     if not site or len(site) > 128:
-        raise CoordinatorError("FHAI-E041", "give the site (hospital) the tokens are for, up to 128 characters")
+        raise CoordinatorError("FHAI-N041", "give the site (hospital) the tokens are for, up to 128 characters")
     tokens = [TOKEN_PREFIX + secrets.token_urlsafe(32) for _ in range(count)]
     store.add_tokens([hash_token(t) for t in tokens], site, (now or time.time()) + ttl_s)
     return tokens
@@ -102,7 +102,7 @@ class EnrollmentService:
         try:
             req = proto.decode_request(payload)
             if proto.request_topic(req.nonce) != topic:
-                raise CoordinatorError("FHAI-E033", "the request's nonce does not match its topic")
+                raise CoordinatorError("FHAI-N033", "the request's nonce does not match its topic")
         except EdgeError as exc:
             log.warning("refused a malformed enrollment request on %s: %s", topic, exc)
             return Outcome(proto.encode_reply_refused(payload, exc.code, exc.message, self.key), None, exc.code)
@@ -139,19 +139,19 @@ class EnrollmentService:
     def _device_id(self, req: proto.EnrollRequest, site: str) -> str:
         if req.site is not None and req.site != site:
             raise CoordinatorError(
-                "FHAI-E034", f"this token is for site {site!r}, the device says {req.site!r}: use that site's token"
+                "FHAI-N034", f"this token is for site {site!r}, the device says {req.site!r}: use that site's token"
             )
         known = {d.id: d for d in self.store.devices()}
         if req.device_id is not None:
             if req.device_id.lower().startswith(RESERVED_PREFIX):
-                raise CoordinatorError("FHAI-E037", f"device ids starting with {RESERVED_PREFIX!r} are reserved")
+                raise CoordinatorError("FHAI-N037", f"device ids starting with {RESERVED_PREFIX!r} are reserved")
             existing = known.get(req.device_id)
             if existing is not None and existing.revoked_at is None:
                 raise CoordinatorError(
-                    "FHAI-E035", f"device id {req.device_id!r} is taken: ask for another, or revoke the old device"
+                    "FHAI-N035", f"device id {req.device_id!r} is taken: ask for another, or revoke the old device"
                 )
             if existing is not None and existing.site != site:
-                raise CoordinatorError("FHAI-E036", f"device id {req.device_id!r} belonged to another site")
+                raise CoordinatorError("FHAI-N036", f"device id {req.device_id!r} belonged to another site")
             return wire.check_device_id(req.device_id)
         while True:
             candidate = f"{_site_slug(site)}-{secrets.token_hex(3)}"
@@ -175,7 +175,7 @@ class EnrollmentService:
     def run(self, stop: threading.Event | None = None, ready: threading.Event | None = None) -> None:
         """Serve requests until `stop` is set."""
         if self.settings is None:
-            raise CoordinatorError("FHAI-E042", "the enrollment service needs the admin account's broker settings")
+            raise CoordinatorError("FHAI-N042", "the enrollment service needs the admin account's broker settings")
         stop = stop or threading.Event()
         self.conn = connect(
             f"fhai-enroll-service-{secrets.token_hex(4)}",

@@ -73,7 +73,7 @@ def find_dynsec_plugin() -> str:
         if Path(candidate).exists():
             return candidate
     raise SecurityError(
-        "FHAI-X001",
+        "FHAI-Y001",
         "mosquitto_dynamic_security.so not found: install Mosquitto 2.0 (`apt-get install mosquitto`), "
         "find the plugin with `dpkg -L mosquitto` and pass it with --plugin",
     )
@@ -217,12 +217,12 @@ class BrokerDir:
     def settings(self, account: str, plain: bool = False) -> BrokerSettings:
         """How `account` connects: TLS to host:tls_port pinned to our CA, or the loopback plain listener."""
         if account not in ACCOUNTS:
-            raise SecurityError("FHAI-X002", f"unknown account {account!r}; expected one of {sorted(ACCOUNTS)}")
+            raise SecurityError("FHAI-Y002", f"unknown account {account!r}; expected one of {sorted(ACCOUNTS)}")
         password = self.password_file(account).read_text().strip()
         if plain:
             if self.plain_port is None:
                 raise SecurityError(
-                    "FHAI-X003", f"{self.root} has no plain listener: run init with --plain-port, or use TLS"
+                    "FHAI-Y003", f"{self.root} has no plain listener: run init with --plain-port, or use TLS"
                 )
             return BrokerSettings("127.0.0.1", self.plain_port, self.username(account), password)
         return BrokerSettings(self.host, self.tls_port, self.username(account), password, ca_file=str(self.ca_file))
@@ -234,7 +234,7 @@ class BrokerDir:
             meta = json.loads(meta_file.read_text())
         except OSError as exc:
             raise SecurityError(
-                "FHAI-X004", f"{meta_file} is missing: make the broker folder with `fhai-coordinator init --dir {root}`"
+                "FHAI-Y004", f"{meta_file} is missing: make the broker folder with `fhai-coordinator init --dir {root}`"
             ) from exc
         return cls(root.resolve(), meta["host"], int(meta["tls_port"]), meta.get("plain_port"))
 
@@ -279,7 +279,7 @@ def init_broker_dir(
     root = root.resolve()
     if (root / "broker.json").exists():
         raise SecurityError(
-            "FHAI-X005",
+            "FHAI-Y005",
             f"{root} already holds a broker (broker.json): pick another --dir, or delete it to start over "
             "(every enrolled device would have to enroll again)",
         )
@@ -290,8 +290,9 @@ def init_broker_dir(
     os.chmod(layout.secrets, 0o700)
     (root / "data").mkdir(mode=0o700, exist_ok=True)
 
+    server_names = list(dict.fromkeys([host, *extra_hosts, "localhost", "127.0.0.1", "::1"]))
     ca_key, ca_cert = make_ca()
-    server_key, server_cert = make_server_cert(ca_key, ca_cert, [host, *extra_hosts, "localhost", "127.0.0.1", "::1"])
+    server_key, server_cert = make_server_cert(ca_key, ca_cert, server_names)
     write_secret(layout.secrets / "ca.key", _key_pem(ca_key))
     write_secret(layout.secrets / "server.key", _key_pem(server_key))
     layout.ca_file.write_bytes(_cert_pem(ca_cert))
@@ -312,6 +313,7 @@ def init_broker_dir(
         "tls_port": tls_port,
         "plain_port": plain_port,
         "ca_file": "ca.pem",
+        "server_names": server_names,
         "accounts": {
             account: {"username": username, "password_file": f"secrets/{account}.password"}
             for account, (username, _role, _text) in ACCOUNTS.items()
@@ -319,3 +321,24 @@ def init_broker_dir(
     }
     (root / "broker.json").write_text(json.dumps(meta, indent=2) + "\n")
     return layout
+
+
+def renew_server_certificate(root: Path, days: int = SERVER_DAYS) -> x509.Certificate:
+    """A new key and certificate for the broker, from the same CA and for the same names; devices need
+    nothing new (they pin the CA). Restart the broker to use it. Needs secrets/ca.key back if it was moved."""
+    layout = BrokerDir.load(root)
+    ca_key_file = layout.secrets / "ca.key"
+    try:
+        ca_key = serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None)
+    except OSError as exc:
+        raise SecurityError(
+            "FHAI-Y006", f"cannot read the CA key {ca_key_file} ({exc.strerror}): put it back to renew the certificate"
+        ) from exc
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise SecurityError("FHAI-Y007", f"{ca_key_file} is not the EC key `init` made")
+    ca_cert = x509.load_pem_x509_certificate(layout.ca_file.read_bytes())
+    names = json.loads((layout.root / "broker.json").read_text()).get("server_names") or [layout.host]
+    key, cert = make_server_cert(ca_key, ca_cert, names, days)
+    write_secret(layout.secrets / "server.key", _key_pem(key))
+    (layout.root / "server.pem").write_bytes(_cert_pem(cert))
+    return cert

@@ -74,9 +74,23 @@ def register_security_commands(
         table.add_row("give every device", f"{layout.ca_file}, {layout.password_file('bootstrap')}, a token")
         table.add_row("bootstrap user", layout.username("bootstrap"))
         table.add_row("coordinator user", f"{layout.username('coordinator')} ({layout.password_file('coordinator')})")
-        table.add_row("coordinator key", coordinator_key)
         table.add_row("CA key", f"{layout.secrets / 'ca.key'}: move it offline; only re-issuing certificates needs it")
         console.print(table)
+        console.print(f"coordinator public key (devices pin it with --coordinator-key):\n{coordinator_key}")
+
+    @app.command("renew-cert")
+    @friendly_errors
+    def renew_cert(
+        folder: Annotated[
+            Path, typer.Option("--dir", help="Broker folder made by `fhai-coordinator init`")
+        ] = DEFAULT_BROKER_DIR,
+        days: Annotated[int, typer.Option(min=1, max=825, help="Validity in days")] = 730,
+    ) -> None:
+        """Issue the broker a new TLS key and certificate from its CA (restart the broker afterwards)."""
+        from coordinator.security import renew_server_certificate
+
+        cert = renew_server_certificate(folder, days)
+        console.print(f"new server certificate, valid until {cert.not_valid_after_utc:%Y-%m-%d}: restart the broker")
 
     @app.command()
     @friendly_errors

@@ -355,11 +355,11 @@ class Store:
             row = s.get(EnrollmentToken, token_hash)
             # The lookup is by primary key; compare the whole hash once more in constant time.
             if row is None or not hmac.compare_digest(row.token_hash, token_hash):
-                raise CoordinatorError("FHAI-E030", "unknown enrollment token: check it was copied whole")
+                raise CoordinatorError("FHAI-N030", "unknown enrollment token: check it was copied whole")
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
                 if row.used_at is not None:
-                    raise CoordinatorError("FHAI-E031", "this enrollment token was already used: ask for a new one")
-                raise CoordinatorError("FHAI-E032", "this enrollment token has expired: ask for a new one")
+                    raise CoordinatorError("FHAI-N031", "this enrollment token was already used: ask for a new one")
+                raise CoordinatorError("FHAI-N032", "this enrollment token has expired: ask for a new one")
             return row
 
     def complete_token(self, token_hash: str, device_id: str, profile: str) -> None:

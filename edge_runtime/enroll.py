@@ -77,7 +77,7 @@ def reply_topic(nonce: str) -> str:
 
 def check_nonce(nonce: str) -> str:
     if len(nonce) != 32 or any(c not in "0123456789abcdef" for c in nonce):
-        raise EnrollmentError("FHAI-E001", f"enrollment nonce {nonce[:40]!r} is not 32 lowercase hex digits")
+        raise EnrollmentError("FHAI-N001", f"enrollment nonce {nonce[:40]!r} is not 32 lowercase hex digits")
     return nonce
 
 
@@ -90,7 +90,7 @@ def _pack_signed(body: dict[str, Any], context: bytes, key: Ed25519PrivateKey) -
 def _unpack(data: bytes) -> tuple[bytes, bytes, dict[str, Any]]:
     """(body bytes, signature, body) of an envelope, without checking the signature."""
     if len(data) > MAX_MESSAGE_BYTES:
-        raise EnrollmentError("FHAI-E002", f"enrollment message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        raise EnrollmentError("FHAI-N002", f"enrollment message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
         outer = msgpack.unpackb(data, raw=False, strict_map_key=True)
         if not isinstance(outer, dict) or outer.get("v") != PROTOCOL:
@@ -102,7 +102,7 @@ def _unpack(data: bytes) -> tuple[bytes, bytes, dict[str, Any]]:
         if not isinstance(body, dict):
             raise ValueError("body is not a map")
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
-        raise EnrollmentError("FHAI-E003", f"malformed enrollment message: {exc}") from exc
+        raise EnrollmentError("FHAI-N003", f"malformed enrollment message: {exc}") from exc
     return raw, sig, body
 
 
@@ -111,7 +111,7 @@ def _field(body: dict[str, Any], name: str, typ: type, optional: bool = False) -
     if value is None and optional:
         return None
     if not isinstance(value, typ):
-        raise EnrollmentError("FHAI-E004", f"enrollment message field {name!r} is missing or not a {typ.__name__}")
+        raise EnrollmentError("FHAI-N004", f"enrollment message field {name!r} is missing or not a {typ.__name__}")
     return value
 
 
@@ -134,7 +134,7 @@ class EnrollRequest:
 
 def encode_request(req: EnrollRequest, key: Ed25519PrivateKey) -> bytes:
     if public_hex(key) != req.signing_key:
-        raise EnrollmentError("FHAI-E005", "the request must be signed with the key it enrolls")
+        raise EnrollmentError("FHAI-N005", "the request must be signed with the key it enrolls")
     body = {
         "nonce": req.nonce,
         "token": req.token,
@@ -156,11 +156,11 @@ def decode_request(data: bytes) -> EnrollRequest:
     try:
         X25519PublicKey.from_public_bytes(bytes.fromhex(box_key))
     except ValueError as exc:
-        raise EnrollmentError("FHAI-E006", "the request's X25519 key is not 32 bytes of hex") from exc
+        raise EnrollmentError("FHAI-N006", "the request's X25519 key is not 32 bytes of hex") from exc
     try:
         public_from_hex(signing_key).verify(sig, REQUEST_CONTEXT + raw)
     except (InvalidSignature, EdgeError) as exc:
-        raise EnrollmentError("FHAI-E007", "the request is not signed by the key it enrolls") from exc
+        raise EnrollmentError("FHAI-N007", "the request is not signed by the key it enrolls") from exc
     device_id = _field(body, "device_id", str, optional=True)
     if device_id is not None:
         wire.check_device_id(device_id)
@@ -195,7 +195,7 @@ def seal(plaintext: bytes, recipient: X25519PublicKey, aad: bytes) -> bytes:
 
 def open_sealed(blob: bytes, recipient: X25519PrivateKey, aad: bytes) -> bytes:
     if len(blob) < 32 + 12 + 16:
-        raise EnrollmentError("FHAI-E008", "sealed credentials are too short")
+        raise EnrollmentError("FHAI-N008", "sealed credentials are too short")
     eph_pub, nonce, ct = blob[:32], blob[32:44], blob[44:]
     key = _seal_key(
         recipient.exchange(X25519PublicKey.from_public_bytes(eph_pub)), eph_pub, _raw(recipient.public_key())
@@ -203,7 +203,7 @@ def open_sealed(blob: bytes, recipient: X25519PrivateKey, aad: bytes) -> bytes:
     try:
         return ChaCha20Poly1305(key).decrypt(nonce, ct, aad)
     except InvalidTag as exc:
-        raise EnrollmentError("FHAI-E008", "sealed credentials do not open with this device's key") from exc
+        raise EnrollmentError("FHAI-N008", "sealed credentials do not open with this device's key") from exc
 
 
 # replies -----------------------------------------------------------------------------------------
@@ -249,15 +249,15 @@ def decode_reply(
     """
     raw, sig, body = _unpack(data)
     if _field(body, "request", bytes) != digest(request):
-        raise EnrollmentError("FHAI-E009", "the reply answers another request")
+        raise EnrollmentError("FHAI-N009", "the reply answers another request")
     key_hex = _field(body, "coordinator_key", str)
     key = coordinator or public_from_hex(key_hex)
     try:
         key.verify(sig, REPLY_CONTEXT + raw)
     except InvalidSignature as exc:
-        raise EnrollmentError("FHAI-E010", "the reply is not signed by the coordinator's key: not trusted") from exc
+        raise EnrollmentError("FHAI-N010", "the reply is not signed by the coordinator's key: not trusted") from exc
     if coordinator is not None and public_hex(coordinator) != key_hex:
-        raise EnrollmentError("FHAI-E010", "the reply names another coordinator key")
+        raise EnrollmentError("FHAI-N010", "the reply names another coordinator key")
     if _field(body, "status", str) != "ok":
         code = _field(body, "code", str)
         raise EnrollmentRefusedError(code, f"enrollment refused: {_field(body, 'message', str)}")
@@ -325,7 +325,7 @@ def load_credentials(state_dir: Path) -> Enrollment | None:
         )
         return Enrollment(data["device_id"], data["site"], data["coordinator_key"], broker)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise EnrollmentError("FHAI-E020", f"cannot read {path}: {exc}; enroll again with `fhai-edge enroll`") from exc
+        raise EnrollmentError("FHAI-N020", f"cannot read {path}: {exc}; enroll again with `fhai-edge enroll`") from exc
 
 
 def enroll(
@@ -346,11 +346,12 @@ def enroll(
     device then connects once as itself, so a success here means it can join rounds.
     """
     if bootstrap.ca_file is None:
-        raise EnrollmentError("FHAI-E011", "enrollment needs TLS: pass the broker's CA certificate (--ca)")
+        raise EnrollmentError("FHAI-N011", "enrollment needs TLS: pass the broker's CA certificate (--ca)")
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state_dir, 0o700)  # it holds the signing key and the broker password
     if (state_dir / CREDENTIALS_FILE).exists():
         raise EnrollmentError(
-            "FHAI-E012",
+            "FHAI-N012",
             f"{state_dir} is already enrolled ({CREDENTIALS_FILE}); to enroll again, revoke the device at the "
             "coordinator and delete that file",
         )
@@ -384,7 +385,7 @@ def enroll(
     )
     enrollment = Enrollment(creds.device_id, creds.site, key_hex, settings)
     if creds.client_id != device_client_id(creds.device_id):
-        raise EnrollmentError("FHAI-E013", f"the coordinator pinned an unexpected client id {creds.client_id!r}")
+        raise EnrollmentError("FHAI-N013", f"the coordinator pinned an unexpected client id {creds.client_id!r}")
     _write_private(state_dir / CREDENTIALS_FILE, (json.dumps(enrollment.to_json(), indent=2) + "\n").encode())
     if verify:
         check = connect(creds.client_id, settings, [], clean_start=True, timeout_s=timeout_s)
@@ -394,7 +395,7 @@ def enroll(
 
 
 # Codes of a message that is not a genuine answer to our request (garbage, someone else's, unsigned).
-_NOT_OURS = frozenset({"FHAI-E002", "FHAI-E003", "FHAI-E004", "FHAI-E009", "FHAI-E010"})
+_NOT_OURS = frozenset({"FHAI-N002", "FHAI-N003", "FHAI-N004", "FHAI-N009", "FHAI-N010"})
 
 
 def _await_reply(
@@ -405,7 +406,7 @@ def _await_reply(
         left = deadline - time.monotonic()
         if left <= 0:
             raise EnrollmentError(
-                "FHAI-E014",
+                "FHAI-N014",
                 f"no answer from the enrollment service within {timeout_s:.0f}s: is "
                 "`fhai-coordinator enroll-service` running? Try again; if the service did answer and the "
                 "answer was lost, the token is spent and the coordinator must issue a new one.",

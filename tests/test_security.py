@@ -115,7 +115,7 @@ def secure(tmp_path: Path) -> Iterator[Secure]:
     for t in s.threads:
         t.join(timeout=10)
     admin.close()
-    stop_mosquitto(process)
+    stop_mosquitto(s.process)
 
 
 class Probe:
@@ -231,12 +231,12 @@ def test_sealed_credentials_open_only_with_the_device_key() -> None:
     blob = proto.seal(b"secret", device.public_key(), b"request-digest")
     assert proto.open_sealed(blob, device, b"request-digest") == b"secret"
     assert b"secret" not in blob
-    with pytest.raises(EnrollmentError, match="FHAI-E008"):
+    with pytest.raises(EnrollmentError, match="FHAI-N008"):
         proto.open_sealed(blob, other, b"request-digest")
-    with pytest.raises(EnrollmentError, match="FHAI-E008"):
+    with pytest.raises(EnrollmentError, match="FHAI-N008"):
         proto.open_sealed(blob, device, b"another request")  # bound to the request it answers
     tampered = blob[:-1] + bytes([blob[-1] ^ 1])
-    with pytest.raises(EnrollmentError, match="FHAI-E008"):
+    with pytest.raises(EnrollmentError, match="FHAI-N008"):
         proto.open_sealed(tampered, device, b"request-digest")
 
 
@@ -254,19 +254,19 @@ def test_request_and_reply_signatures() -> None:
     _raw, sig, body = proto._unpack(data)
     body["signing_key"] = public_hex(impostor)
     swapped = msgpack.packb({"v": 1, "body": msgpack.packb(body), "sig": sig})
-    with pytest.raises(EnrollmentError, match="FHAI-E007"):
+    with pytest.raises(EnrollmentError, match="FHAI-N007"):
         proto.decode_request(swapped)
 
     creds = proto.Credentials("site-a-1", "site-a", "site-a-1", "pw", "fhai-edge-site-a-1")
     reply = proto.encode_reply_ok(data, req, creds, coordinator)
     got, key_hex = proto.decode_reply(reply, data, box, coordinator.public_key())
     assert got == creds and key_hex == public_hex(coordinator)
-    with pytest.raises(EnrollmentError, match="FHAI-E010"):  # not from the coordinator we trust
+    with pytest.raises(EnrollmentError, match="FHAI-N010"):  # not from the coordinator we trust
         proto.decode_reply(proto.encode_reply_ok(data, req, creds, impostor), data, box, coordinator.public_key())
-    with pytest.raises(EnrollmentError, match="FHAI-E009"):  # an answer to another request
+    with pytest.raises(EnrollmentError, match="FHAI-N009"):  # an answer to another request
         proto.decode_reply(reply, data + b"x", box, coordinator.public_key())
-    refused = proto.encode_reply_refused(data, "FHAI-E031", "used", coordinator)
-    with pytest.raises(proto.EnrollmentRefusedError, match="FHAI-E031"):
+    refused = proto.encode_reply_refused(data, "FHAI-N031", "used", coordinator)
+    with pytest.raises(proto.EnrollmentRefusedError, match="FHAI-N031"):
         proto.decode_reply(refused, data, box, None)
 
 
@@ -328,6 +328,26 @@ def test_tls_is_required_and_pinned(secure: Secure, tmp_path: Path) -> None:
         handshake(other, "127.0.0.1")  # a device pinned to another CA refuses this broker
 
 
+def test_renewed_certificate_serves_after_a_restart(secure: Secure) -> None:
+    before = x509.load_pem_x509_certificate((secure.layout.root / "server.pem").read_bytes())
+    result = CliRunner().invoke(coordinator_app, ["renew-cert", "--dir", str(secure.layout.root), "--days", "30"])
+    assert result.exit_code == 0, result.output
+    after = x509.load_pem_x509_certificate((secure.layout.root / "server.pem").read_bytes())
+    assert after.serial_number != before.serial_number
+    assert after.public_key().public_numbers() != before.public_key().public_numbers()  # type: ignore[union-attr]
+    assert (after.not_valid_after_utc - after.not_valid_before_utc).days == 30
+    assert stat.S_IMODE((secure.layout.secrets / "server.key").stat().st_mode) == 0o600
+    stop_mosquitto(secure.process)
+    secure.process = start_mosquitto(secure.layout.config_file, secure.port)
+    ctx = ssl.create_default_context(cafile=str(secure.layout.ca_file))
+    with (
+        socket.create_connection(("127.0.0.1", secure.port), timeout=5) as sock,
+        ctx.wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        served = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True) or b"")
+    assert served.serial_number == after.serial_number
+
+
 def test_anonymous_wrong_password_and_disabled_bootstrap_are_refused(secure: Secure) -> None:
     for username, password in ((None, None), ("fhai-coordinator", "not the password"), ("nobody", "x")):
         p = probe(secure, username, password, "fhai-probe")
@@ -383,6 +403,7 @@ def test_enroll_stores_private_credentials_and_the_device_connects_as_itself(sec
     e = secure.enroll(token, "dev-a", profile={"profile": "gateway"}, coordinator_key=public_hex(secure.key))
     assert e.site == "hospital-a" and e.device_id.startswith("hospital-a-")
     state = secure.root / "dev-a"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
     assert stat.S_IMODE((state / "credentials.json").stat().st_mode) == 0o600
     assert stat.S_IMODE((state / "device.key").stat().st_mode) == 0o600
     assert load_credentials(state) == e
@@ -403,10 +424,10 @@ def test_used_expired_unknown_and_mismatched_tokens_are_refused(secure: Secure) 
     service = secure.start_enrollment()
     (token,) = secure.tokens(1, site="hospital-a")
     secure.enroll(token, "first")
-    with pytest.raises(proto.EnrollmentRefusedError, match="FHAI-E031"):
+    with pytest.raises(proto.EnrollmentRefusedError, match="FHAI-N031"):
         secure.enroll(token, "second")  # used
     (expired,) = create_tokens(secure.store, "hospital-a", 1, ttl_s=60, now=time.time() - 120)
-    with pytest.raises(proto.EnrollmentRefusedError, match="FHAI-E032"):
+    with pytest.raises(proto.EnrollmentRefusedError, match="FHAI-N032"):
         secure.enroll(expired, "third")
     assert not (secure.root / "second" / "credentials.json").exists()
 
@@ -419,10 +440,10 @@ def test_used_expired_unknown_and_mismatched_tokens_are_refused(secure: Secure) 
         return service.handle(proto.request_topic(req.nonce), proto.encode_request(req, signing)).code
 
     (live,) = secure.tokens(1, site="hospital-b")
-    assert code("fhai_et_" + "A" * 43) == "FHAI-E030"  # unknown
-    assert code(live, site="hospital-a") == "FHAI-E034"  # issued for another site
-    assert code(live, device_id="fhai-admin") == "FHAI-E037"  # a service account's name
-    assert code(live, device_id=secure.store.devices()[0].id) == "FHAI-E035"  # taken
+    assert code("fhai_et_" + "A" * 43) == "FHAI-N030"  # unknown
+    assert code(live, site="hospital-a") == "FHAI-N034"  # issued for another site
+    assert code(live, device_id="fhai-admin") == "FHAI-N037"  # a service account's name
+    assert code(live, device_id=secure.store.devices()[0].id) == "FHAI-N035"  # taken
     assert secure.store.live_tokens(time.time()) == 1  # refusals on our side do not spend the token
     assert code(live, device_id="ward-7") is None
     assert secure.admin.client_exists("ward-7")
@@ -439,7 +460,7 @@ def test_another_bootstrap_client_sees_the_reply_but_cannot_open_it(secure: Secu
     _, reply = eavesdropper.messages[0]
     assert e.broker.password is not None and e.broker.password.encode() not in reply
     _raw, _sig, body = proto._unpack(reply)
-    with pytest.raises(EnrollmentError, match="FHAI-E008"):
+    with pytest.raises(EnrollmentError, match="FHAI-N008"):
         proto.open_sealed(body["sealed"], X25519PrivateKey.generate(), body["request"])
     eavesdropper.close()
 
@@ -578,7 +599,7 @@ def test_cli_init_and_tokens(tmp_path: Path) -> None:
     assert "listener 18883 0.0.0.0" in conf and "listener 18884 127.0.0.1" in conf
     assert "allow_anonymous false" in conf and "plugin_opt_config_file" in conf
     again = runner.invoke(coordinator_app, ["init", "--dir", str(folder)])
-    assert again.exit_code == 2 and "FHAI-X005" in again.output  # never overwrites a broker's secrets
+    assert again.exit_code == 2 and "FHAI-Y005" in again.output  # never overwrites a broker's secrets
     result = runner.invoke(coordinator_app, ["tokens", "create", "--site", "h-1", "--count", "3", "--ttl", "2h",
                                              "--store", store])  # fmt: skip
     assert result.exit_code == 0, result.output
