@@ -47,13 +47,16 @@ def friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         except (EdgeError, FhirAdapterError, FileNotFoundError, PermissionError) as exc:
             logging.getLogger("fhai").debug("command failed", exc_info=True)
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(2) from None
         except (typer.Exit, typer.Abort, typer.BadParameter, KeyboardInterrupt):
             raise
         except Exception as exc:  # a bug or an unforeseen failure: still one line, the trace in the log
             logging.getLogger("fhai").exception("unexpected error")
-            console.print(f"[bold red]unexpected error:[/] {type(exc).__name__}: {exc} (traceback in the log file)")
+            console.print(
+                f"[bold red]unexpected error:[/] {type(exc).__name__}: {exc} (traceback in the log file)",
+                soft_wrap=True,
+            )
             raise typer.Exit(3) from None
 
     return wrapper
