@@ -149,6 +149,18 @@ def register_security_commands(
             table.add_row(t.token_hash[:12], t.site, state, time.ctime(t.expires_at), t.device_id or "")
         console.print(table)
 
+    @tokens_app.command("expire")
+    @friendly_errors
+    def tokens_expire(
+        hash_prefix: Annotated[str, typer.Argument(help="Start of the token's hash, as `tokens list` shows it")],
+        store: StoreOpt = default_store,
+    ) -> None:
+        """Make an unused token useless now (lost, sent to the wrong person)."""
+        n = open_store(store).expire_tokens(hash_prefix, time.time())
+        if n == 0:
+            raise typer.BadParameter(f"no live token's hash starts with {hash_prefix!r}")
+        console.print(f"{n} token(s) expired")
+
     @app.command("enroll-service")
     @friendly_errors
     def enroll_service(

@@ -390,6 +390,22 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(EnrollmentToken).order_by(EnrollmentToken.created_at)))
 
+    def expire_tokens(self, hash_prefix: str, now: float) -> int:
+        """End the life of the unused tokens whose hash starts with `hash_prefix` (as `tokens list` shows it)."""
+        if len(hash_prefix) < 8:
+            raise CoordinatorError("FHAI-N043", "give at least 8 characters of the token's hash")
+        with self.session() as s, s.begin():
+            result = s.execute(
+                update(EnrollmentToken)
+                .where(
+                    EnrollmentToken.token_hash.startswith(hash_prefix.lower()),
+                    EnrollmentToken.used_at.is_(None),
+                    EnrollmentToken.expires_at > now,
+                )
+                .values(expires_at=now)
+            )
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
 
 class EnrollmentToken(Base):
     """A one-time enrollment token, by the SHA-256 of its text (the token itself is never stored)."""

@@ -609,6 +609,15 @@ def test_cli_init_and_tokens(tmp_path: Path) -> None:
     assert {r.token_hash for r in rows} == {hashlib.sha256(t.encode()).hexdigest() for t in tokens}
     assert all(abs(r.expires_at - r.created_at - 7200) < 5 and r.site == "h-1" for r in rows)
     assert runner.invoke(coordinator_app, ["tokens", "create", "--site", "h", "--ttl", "soon"]).exit_code == 2
+    # A lost token can be expired by the hash prefix `tokens list` shows.
+    listed = runner.invoke(coordinator_app, ["tokens", "list", "--store", store])
+    assert listed.exit_code == 0 and rows[0].token_hash[:12] in listed.output
+    result = runner.invoke(coordinator_app, ["tokens", "expire", rows[0].token_hash[:12], "--store", store])
+    assert result.exit_code == 0, result.output
+    assert Store(store).live_tokens(time.time()) == 2
+    assert (
+        runner.invoke(coordinator_app, ["tokens", "expire", rows[0].token_hash[:12], "--store", store]).exit_code == 2
+    )
 
 
 def test_enrolled_settings_are_used_by_edge_run_defaults(secure: Secure, monkeypatch: pytest.MonkeyPatch) -> None:
