@@ -6,9 +6,9 @@ into one file of fixed-size records, so neither this harness nor a measured proc
 than one of them. Every case runs in a fresh subprocess (peak RSS = its ru_maxrss), the cases are
 interleaved repeat by repeat so machine noise hits them alike, and figures are medians over repeats.
 
-The `hold_all` case is the approach of servers that keep every decoded update in a list and average
-them at the end (Flower's aggregate_inplace); it runs at 100 updates only unless --hold-all-1000,
-since at 1,000 it needs about 8 GB.
+The `hold_all` case is a server that collects every decoded update before averaging them (as Flower's
+strategies receive all fit results of a round at once), here with np.stack and np.average; it runs at
+100 updates only unless --hold-all-1000, since at 1,000 it needs about 16 GB.
 
     .venv/bin/python bench/aggregation.py            # full run, writes docs/benchmarks/aggregation.*
     .venv/bin/python bench/aggregation.py --quick    # 20 and 200 updates of 100k parameters, no files
@@ -272,14 +272,18 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if "vs_hold_all_at_small" in report:
         vs = report["vs_hold_all_at_small"]
+        base = report["strategies"]["fedavg"][str(small)]["rss_before_mb"]
+        hold = report["strategies"][HOLD_ALL][str(small)]["peak_rss_mb"]
         lines.append(
             f"Against holding every decoded update and averaging at the end (`hold_all`, {small} updates): "
-            f"{vs['speedup']}x the throughput, 1/{vs['peak_rss_ratio']} of the peak memory."
+            f"{vs['speedup']}x the throughput and {vs['peak_rss_ratio']}x less peak memory. Above the "
+            f"{base:.0f} MB the process holds after imports and warm-up, FedAvg adds "
+            f"{report[f'peak_rss_mb_{large}'] - base:.0f} MB at {large} updates, `hold_all` "
+            f"{hold - base:.0f} MB at {small}."
         )
     lines += [
         "",
-        "Peak RSS includes the interpreter, numpy, numba and the codec (`rss_before_mb` in the JSON is the "
-        "process after imports and warm-up). Robust strategies spill one float32 row per update to disk and "
+        "Peak RSS includes the interpreter, numpy, numba and the codec. Robust strategies spill one float32 row per update to disk and "
         "read it back in 32 MB chunks of parameters, so their memory does not grow with the number of updates "
         "either; their cost is the disk file and the sort in `aggregate`.",
         "",
