@@ -24,8 +24,6 @@ DEFAULT_STORE = "sqlite:///state/coordinator/fhai.db"
 
 
 def _open_store(url: str) -> StoreClass:
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return StoreClass(url)
 
 
@@ -127,6 +125,48 @@ def status(
         for x in rejected[-20:]:
             rej.add_row(str(x.round), x.device_id, x.code, x.reason)
         console.print(rej)
+
+
+@app.command()
+@friendly_errors
+def export(
+    task: Annotated[str, typer.Argument(help="Task id")],
+    out: Annotated[Path, typer.Option(help="Folder for the model files and cards")],
+    round_no: Annotated[int | None, typer.Option("--round", help="Committed round (default: the latest)")] = None,
+    formats: Annotated[list[str] | None, typer.Option("--format", help="onnx, tflite, tflite_int8 (repeat)")] = None,
+    store: Store = DEFAULT_STORE,
+) -> None:
+    """Export a committed global model for on-device inference (e.g. to retry a failed export)."""
+    from coordinator.distribution import EXPORTERS, build_artifacts
+    from coordinator.task import parse_task
+    from edge_runtime.inference import save_model_files
+    from edge_runtime.messages import model_from_body
+
+    db = _open_store(store)
+    row = db.get_task(task)
+    if row is None:
+        raise typer.BadParameter(f"no task {task!r} in {store}")
+    chosen = formats or ["onnx", "tflite", "tflite_int8"]
+    unknown = sorted(set(chosen) - set(EXPORTERS))
+    if unknown:
+        raise typer.BadParameter(f"unknown formats {unknown}; choose from {sorted(EXPORTERS)}")
+    cp = db.latest_checkpoint(task) if round_no is None else db.checkpoint(task, round_no)
+    if cp is None:
+        raise typer.BadParameter(f"task {task!r} has no committed round {round_no if round_no is not None else ''}")
+    meta = json.loads(cp.meta)
+    definition = parse_task(json.loads(row.definition))
+    artifacts = build_artifacts(
+        model_from_body(json.loads(cp.spec), cp.model),
+        chosen,  # type: ignore[arg-type]
+        name=task,
+        feature_spec_hash=definition.spec().spec_hash(),
+        columns=meta.get("columns", []),
+        units=meta.get("units", []),
+        rounds=cp.round,
+    )
+    for fmt, artifact in artifacts.items():
+        files = save_model_files(artifact.data, artifact.card, artifact.suffix, out / task)
+        console.print(f"{fmt}: {', '.join(str(p) for p in files.values())}")
 
 
 @devices_app.command("add")

@@ -33,11 +33,12 @@ from edge_runtime.messages import (
     StatsHeader,
     UpdateHeader,
     model_body,
+    model_from_body,
     parse_header,
     stats_from_body,
 )
 from edge_runtime.metrics import HISTOGRAM_BINS
-from edge_runtime.model import Model, ModelSpec, Standardizer
+from edge_runtime.model import Model, Standardizer
 
 log = logging.getLogger("fhai.coordinator")
 
@@ -46,6 +47,7 @@ Publisher = Callable[[str, bytes, bool], None]  # topic, payload, retain
 # Frame overhead beyond the codec body: prefix, header and signature.
 _FRAME_SLACK = 16 * 1024
 MAX_SAMPLES_PER_UPDATE = 50_000_000
+MAX_STATS_FEATURES = 65_536  # before round 0 closes the coordinator does not know the column count
 
 
 @dataclass
@@ -102,7 +104,6 @@ class RoundManager:
         self.state: RoundState | None = None
         self.online: set[str] = set()
         self._keys: dict[str, Ed25519PublicKey] = {}
-        self.rng = random.Random(task.seed)
         self._quorum_since: float | None = None
 
     # lifecycle -----------------------------------------------------------------------------------
@@ -147,10 +148,7 @@ class RoundManager:
         cp = self.store.latest_checkpoint(self.task.task)
         if cp is None:
             return
-        spec = ModelSpec.from_dict(json.loads(cp.spec))
-        n, d = spec.layout().size, spec.n_features
-        flat = np.frombuffer(cp.model, "<f4")
-        self.model = Model(spec, flat[:n].copy(), Standardizer(flat[n : n + d].copy(), flat[n + d :].copy()))
+        self.model = model_from_body(json.loads(cp.spec), cp.model)
         self.model_round = cp.round
         self.strategy.load_state_dict(decode_state(cp.strategy_state))
         meta = json.loads(cp.meta)
@@ -169,7 +167,9 @@ class RoundManager:
 
     def _open(self, round_no: int, phase: str, extensions: int = 0) -> None:
         eligible = self._eligible()
-        cohort = sorted(self.rng.sample(eligible, min(self.task.cohort_size, len(eligible))))
+        # Seeded by (task seed, round), so a restarted coordinator draws the same cohort.
+        rng = random.Random(f"{self.task.seed}/{round_no}")
+        cohort = sorted(rng.sample(eligible, min(self.task.cohort_size, len(eligible))))
         now = self.clock()
         row = Round(
             task_id=self.task.task,
@@ -197,7 +197,7 @@ class RoundManager:
             spill = self.spill_dir / f"{self.task.task}-r{self.state.row.round}"
             self.state.accumulator = self.strategy.new_accumulator(self.model.params.size, spill)
 
-    def _announce(self, final: bool = False) -> None:
+    def _announce(self) -> None:
         """Publish (retained) the global model, then the announcement that refers to it."""
         assert self.state is not None
         row = self.state.row
@@ -223,14 +223,14 @@ class RoundManager:
             feature_spec=self.task.feature_spec,
             feature_spec_hash=self.spec_hash,
             max_update_bytes=self.max_update_bytes(),
-            final=final,
+            final=row.phase == "eval",
         )
         frame = wire.encode_frame("announce", wire.COORDINATOR, announcement.model_dump(mode="json"), b"", self.key)
         self.publish(wire.announce_topic(self.task.task), frame, True)
 
     def max_update_bytes(self) -> int:
         n = self.model.params.size if self.model is not None else 0
-        n_features = self.model.spec.n_features if self.model is not None else 4096
+        n_features = self.model.spec.n_features if self.model is not None else MAX_STATS_FEATURES
         # Largest legitimate body: float32 passthrough of every parameter (or stats: two float64 vectors).
         return max(4 * n, 16 * n_features) + _FRAME_SLACK
 
@@ -301,8 +301,8 @@ class RoundManager:
                     "its feature spec or runtime version differs from the task's",
                 )
             stats_from_body(frame.body, stats.n_features)
-            state.stats.columns, state.stats.units = stats.columns, stats.units
-            return StoredUpdate(device, "stats", stats.n, None, frame.body), row.round
+            meta = json.dumps({"columns": stats.columns, "units": stats.units})
+            return StoredUpdate(device, "stats", stats.n, None, frame.body, meta), row.round
         if frame.kind != "update":
             raise RejectedUpdateError("FHAI-R008", f"round {row.round} collects updates, got a {frame.kind} frame")
         header = parse_header(frame, UpdateHeader)
@@ -325,6 +325,8 @@ class RoundManager:
             n_features = len(update.body) // 16
             total, total_sq = stats_from_body(update.body, n_features)
             self.state.stats.add(update.n_samples, n_features, total, total_sq)
+            meta = json.loads(update.meta)
+            self.state.stats.columns, self.state.stats.units = meta["columns"], meta["units"]
         else:
             assert self.state.accumulator is not None and self.model is not None
             self.state.accumulator.add(codec.decode(update.body, self.model.params.size), float(update.n_samples))
@@ -347,6 +349,15 @@ class RoundManager:
             header = parse_header(frame, EvalHeader)
             if header.task != self.task.task:
                 raise RejectedUpdateError("FHAI-R005", f"evaluation is for task {header.task!r}")
+            # Only the current global model is evaluated, and only by the open round's cohort.
+            if self.model is None or header.model_version != self.model.version():
+                raise RejectedUpdateError(
+                    "FHAI-R015", f"evaluation of model {header.model_version}, not the current one"
+                )
+            if self.state is None or device not in self.state.cohort or header.round != self.model_round:
+                raise RejectedUpdateError(
+                    "FHAI-R016", f"device {device} was not asked to evaluate round {header.round}"
+                )
             if len(header.pos_hist) != HISTOGRAM_BINS or len(header.neg_hist) != HISTOGRAM_BINS:
                 raise RejectedUpdateError("FHAI-R014", f"score histograms must have {HISTOGRAM_BINS} bins")
             if min(header.pos_hist + header.neg_hist) < 0:
@@ -474,7 +485,14 @@ class RoundManager:
         )
         export = self.task.export
         if row.phase == "train" and export.formats and (export.every_round or row.round == self.task.rounds):
-            self._publish_artifacts(new, row.round, len(self.state.accepted))
+            try:
+                self._publish_artifacts(new, row.round, len(self.state.accepted))
+            except Exception:  # an export problem must not stop the training; the model is committed
+                log.exception(
+                    "round %d: exporting the model failed; training goes on, and "
+                    "`fhai-coordinator export` can retry from the checkpoint",
+                    row.round,
+                )
 
     def _publish_artifacts(self, model: Model, round_no: int, n_updates: int) -> None:
         """Export the new global model for on-device inference and publish each format, retained."""
@@ -507,8 +525,6 @@ class RoundManager:
     def _open_final_eval(self) -> None:
         assert self.model is not None
         self._open(self.model_round + 1, "eval")
-        assert self.state is not None
-        self._announce(final=True)
 
     def _final_evals_in(self) -> bool:
         assert self.model is not None and self.state is not None

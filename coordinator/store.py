@@ -10,6 +10,7 @@ import hmac
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -82,6 +83,7 @@ class AcceptedUpdate(Base):
     n_samples: Mapped[int] = mapped_column(Integer)
     train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     body: Mapped[bytes] = mapped_column(LargeBinary)
+    meta: Mapped[str] = mapped_column(Text, default="{}")  # stats: the sender's columns and units (JSON)
     received_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
@@ -133,12 +135,15 @@ class StoredUpdate:
     n_samples: int
     train_loss: float | None
     body: bytes
+    meta: str = "{}"
 
 
 class Store:
     """A thin shell over the database: each method is one transaction."""
 
     def __init__(self, url: str) -> None:
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(url)
         if url.startswith("sqlite"):
             # WAL so the status CLI can read while the coordinator writes; sync on commit so an
@@ -236,6 +241,7 @@ class Store:
                         n_samples=update.n_samples,
                         train_loss=update.train_loss,
                         body=update.body,
+                        meta=update.meta,
                     )
                 )
         except IntegrityError:
@@ -256,7 +262,7 @@ class Store:
             with self.session() as s:
                 row = s.get(AcceptedUpdate, seq)
                 assert row is not None
-                yield StoredUpdate(row.device_id, row.kind, row.n_samples, row.train_loss, row.body)
+                yield StoredUpdate(row.device_id, row.kind, row.n_samples, row.train_loss, row.body, row.meta)
 
     def accepted_devices(self, task_id: str, round_no: int) -> set[str]:
         with self.session() as s:

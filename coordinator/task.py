@@ -76,14 +76,14 @@ def parse_task(data: object, source: str = "task") -> TaskDefinition:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise CoordinatorError("FHAI-X001", f"{source}: invalid task definition at {where!r}: {first['msg']}") from exc
+        raise CoordinatorError("FHAI-J001", f"{source}: invalid task definition at {where!r}: {first['msg']}") from exc
 
 
 def load_task(path: Path) -> TaskDefinition:
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
-        raise CoordinatorError("FHAI-X002", f"cannot read task file {path}: {exc.strerror}") from exc
+        raise CoordinatorError("FHAI-J002", f"cannot read task file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise CoordinatorError("FHAI-X003", f"{path} is not valid YAML: {exc}") from exc
+        raise CoordinatorError("FHAI-J003", f"{path} is not valid YAML: {exc}") from exc
     return parse_task(data, str(path))

@@ -139,7 +139,8 @@ class EdgeAgent:
             if self.conn is not None:
                 # A clean exit: say so, since the broker only sends the Will on an unclean one.
                 try:
-                    self.conn.publish(presence, json.dumps({"state": "offline"}).encode(), retain=True, wait_s=5)
+                    offline = json.dumps({"state": "offline"}).encode()
+                    self.conn.publish(presence, offline, retain=True, wait_s=5, content_type="application/json")
                 except BrokerError as exc:
                     log.warning("could not publish the offline status: %s", exc)
                 self.conn.close()
@@ -178,7 +179,7 @@ class EdgeAgent:
         if ann is None or ann.task != self.cfg.task:
             return
         if ann.round in self._done_rounds():
-            if ann.final:
+            if ann.final and self.cfg.exit_when_done:
                 self.finished.set()
             return
         if self.cfg.device_id not in ann.cohort:
@@ -191,7 +192,7 @@ class EdgeAgent:
             return  # the matching global model has not arrived yet
         spec = parse_spec(ann.feature_spec)
         if spec.spec_hash() != ann.feature_spec_hash:
-            raise EdgeError("FHAI-A001", "the announced feature spec does not match its hash: refusing the round")
+            raise EdgeError("FHAI-G001", "the announced feature spec does not match its hash: refusing the round")
         split = self._local_split(ann, spec)
         if ann.phase == "stats":
             self._send_stats(ann, split)
@@ -201,7 +202,7 @@ class EdgeAgent:
             if ann.phase == "train":
                 self._send_update(ann, split)
         self._mark_done(ann.round)
-        if ann.final:
+        if ann.final and self.cfg.exit_when_done:
             self.finished.set()
 
     def _local_split(self, ann: Announcement, spec: object) -> LocalSplit:
@@ -217,6 +218,12 @@ class EdgeAgent:
     def _publish(self, topic: str, kind: str, header: dict[str, object], body: bytes, ann: Announcement) -> None:
         assert self.conn is not None
         frame = wire.encode_frame(kind, self.cfg.device_id, header, body, self.key)
+        if len(frame) > ann.max_update_bytes:
+            raise EdgeError(
+                "FHAI-G003",
+                f"the {kind} frame has {len(frame)} bytes, over the task's limit of {ann.max_update_bytes}: "
+                "quantize harder (quantization_bits in the device profile) or ask for a larger limit",
+            )
         self.conn.publish(topic, frame, expiry_s=int(ann.deadline - time.time()) + 60, kind=kind, wait_s=30)
 
     def _send_stats(self, ann: Announcement, split: LocalSplit) -> None:
@@ -275,7 +282,7 @@ class EdgeAgent:
             rows //= 2
         if need(rows) > budget:
             raise EdgeError(
-                "FHAI-A002",
+                "FHAI-G002",
                 f"even one row exceeds the memory budget of {self.cfg.profile.memory_budget_mb} MB: raise it in the device profile",
             )
         log.warning("memory budget: training on %d of %d rows (raise memory_budget_mb to use all)", rows, n)

@@ -18,6 +18,7 @@ from edge_runtime.inference import (
     ARTIFACT_SUFFIX,
     ModelCard,
     Predictor,
+    card_path,
     check_compatible,
     load_predictor,
     save_model_files,
@@ -25,6 +26,7 @@ from edge_runtime.inference import (
 from edge_runtime.profile import DeviceProfile
 
 log = logging.getLogger("fhai.edge.deploy")
+KEEP_MODELS = 3
 
 
 def artifact_format(profile: DeviceProfile) -> str:
@@ -75,8 +77,18 @@ class Deployment:
         tmp.replace(self.folder / "current.json")
         with self._lock:
             self._predictor = predictor
+        self._prune(keep=KEEP_MODELS)
         log.info("inference model %s (%s, %s) installed", card.model_version, self.format, predictor.backend)
         return files["model"]
+
+    def _prune(self, keep: int) -> None:
+        """Keep the newest `keep` installed models (the current one among them); delete older files."""
+        suffix = ARTIFACT_SUFFIX[self.format]
+        models = sorted(self.folder.glob(f"*{suffix}"), key=lambda p: p.stat().st_mtime, reverse=True)
+        current = self.current_path()
+        for old in [m for m in models if m != current][max(0, keep - 1) :]:
+            old.unlink(missing_ok=True)
+            card_path(old).unlink(missing_ok=True)
 
     def current_path(self) -> Path:
         pointer = self.folder / "current.json"

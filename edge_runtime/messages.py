@@ -100,18 +100,23 @@ def model_body(model: Model) -> bytes:
     )
 
 
-def model_from_frame(frame: Frame) -> tuple[ModelHeader, Model]:
-    header = parse_header(frame, ModelHeader)
-    spec = ModelSpec.from_dict(header.spec)
+def model_from_body(spec_dict: dict[str, Any], body: bytes) -> Model:
+    """The inverse of `model_body`, checking sizes and finiteness (a frame's or a checkpoint's bytes)."""
+    spec = ModelSpec.from_dict(spec_dict)
     n_params, d = spec.layout().size, spec.n_features
-    if len(frame.body) != 4 * (n_params + 2 * d):
-        raise WireError("FHAI-W021", f"model body has {len(frame.body)} bytes, {spec} needs {4 * (n_params + 2 * d)}")
-    flat = np.frombuffer(frame.body, "<f4").astype(np.float32)
+    if len(body) != 4 * (n_params + 2 * d):
+        raise WireError("FHAI-W021", f"model body has {len(body)} bytes, {spec} needs {4 * (n_params + 2 * d)}")
+    flat = np.frombuffer(body, "<f4").astype(np.float32)
     if not np.isfinite(flat).all():
         raise WireError("FHAI-W022", "model body holds non-finite values")
-    model = Model(
+    return Model(
         spec, flat[:n_params].copy(), Standardizer(flat[n_params : n_params + d].copy(), flat[n_params + d :].copy())
     )
+
+
+def model_from_frame(frame: Frame) -> tuple[ModelHeader, Model]:
+    header = parse_header(frame, ModelHeader)
+    model = model_from_body(header.spec, frame.body)
     if model.version() != header.model_version:
         raise WireError("FHAI-W023", f"model body hashes to {model.version()}, header says {header.model_version}")
     return header, model

@@ -74,6 +74,7 @@ class Connection:
         expiry_s: int | None = None,
         kind: str | None = None,
         wait_s: float | None = 30.0,
+        content_type: str = CONTENT_TYPE,
     ) -> None:
         """Publish, and for QoS 1 wait (up to wait_s) for the broker's PUBACK, across a reconnect.
 
@@ -82,7 +83,7 @@ class Connection:
         A PUBACK with a failure reason (MQTT v5, e.g. 135 not authorized) raises BrokerError.
         """
         props = Properties(PacketTypes.PUBLISH)
-        props.ContentType = CONTENT_TYPE
+        props.ContentType = content_type
         if expiry_s is not None:
             props.MessageExpiryInterval = max(1, int(expiry_s))
         if kind is not None:

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edge_runtime.errors import ConfigError
+from edge_runtime.trainer import TrainConfig
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "firmware_configs" / "devices"
 
@@ -25,6 +26,12 @@ class DeviceProfile(BaseModel):
     holdout_fraction: float = Field(0.2, ge=0.05, le=0.5)
     inference_backend: Literal["litert", "onnxruntime"] = "litert"
     inference_precision: Literal["float", "int8"] = "float"  # int8: LiteRT full-integer model
+
+    @field_validator("train")
+    @classmethod
+    def _train_is_a_train_config(cls, v: dict[str, Any]) -> dict[str, Any]:
+        TrainConfig(**v)  # unknown keys and bad values fail when the profile loads, not mid-round
+        return v
 
 
 def load_profile(name_or_path: str | Path) -> DeviceProfile:

@@ -157,7 +157,7 @@ def device_from_topic(topic: str) -> str:
 
 def check_device_id(device_id: str) -> str:
     """Device ids become topic levels: no wildcards, separators or control characters."""
-    if not device_id or len(device_id) > 64 or not all(c.isalnum() or c in "-_." for c in device_id):
+    if not device_id or len(device_id) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in device_id):
         raise WireError(
             "FHAI-W013",
             f"device id {device_id!r} is not allowed: use 1-64 letters, digits, '-', '_' or '.'",

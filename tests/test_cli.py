@@ -55,7 +55,7 @@ def test_a_task_file_that_is_not_yaml(tmp_path: Path) -> None:
     path = tmp_path / "task.yaml"
     path.write_text("task: [unclosed")
     result = runner.invoke(coordinator_app, ["run", str(path), "--work-dir", str(tmp_path)])
-    assert result.exit_code == 2 and "FHAI-X003" in result.output
+    assert result.exit_code == 2 and "FHAI-J003" in result.output
 
 
 def test_edge_run_refuses_unknown_profiles_and_sources(tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ from coordinator.report import metric_rows, pooled_by_round
 from coordinator.store import Checkpoint
 from edge_runtime import codec, wire
 from edge_runtime.keys import load_signing_key
-from edge_runtime.model import Model, ModelSpec, Standardizer
+from edge_runtime.messages import model_from_body
+from edge_runtime.model import Model
 from tests.harness import Federation, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -42,10 +43,7 @@ def federation_factory(tmp_path: Path, broker: LocalBroker) -> Iterator[object]:
 
 
 def _model(cp: Checkpoint) -> Model:
-    spec = ModelSpec.from_dict(json.loads(cp.spec))
-    n, d = spec.layout().size, spec.n_features
-    flat = np.frombuffer(cp.model, "<f4")
-    return Model(spec, flat[:n].copy(), Standardizer(flat[n : n + d].copy(), flat[n + d :].copy()))
+    return model_from_body(json.loads(cp.spec), cp.model)
 
 
 def replay(fed: Federation) -> np.ndarray:
