@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,6 +196,7 @@ class RoundManager:
         if self.state.row.phase == "train":
             assert self.model is not None
             spill = self.spill_dir / f"{self.task.task}-r{self.state.row.round}"
+            shutil.rmtree(spill, ignore_errors=True)  # a crashed run's spill file is re-made by the refold
             self.state.accumulator = self.strategy.new_accumulator(self.model.params.size, spill)
 
     def _announce(self) -> None:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from coordinator.aggregation import build_strategy
 from coordinator.errors import CoordinatorError
 from edge_runtime.messages import CodecSettings
 from edge_runtime.model import ModelSpec
@@ -60,6 +61,7 @@ class TaskDefinition(BaseModel):
         if self.min_updates > self.cohort_size:
             raise ValueError(f"min_updates ({self.min_updates}) cannot exceed cohort_size ({self.cohort_size})")
         TrainConfig(**self.train)  # fail at load time, not in every device
+        build_strategy(self.strategy)
         self.spec()
         return self
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from edge_runtime.errors import EdgeError
+from coordinator.errors import CoordinatorError
 
 
-class AggregationError(EdgeError):
+class AggregationError(CoordinatorError):
     """A strategy spec, update, or saved state the coordinator cannot aggregate with.
 
     Codes (stable): A001 unknown strategy, A002 bad strategy option, A003 update of the wrong shape,
