@@ -58,7 +58,7 @@ def run(
     from edge_runtime.profile import load_profile
     from edge_runtime.site_data import SourceConfig
 
-    setup_logging(log_file or state_dir / "edge.log", verbose)
+    setup_logging(log_file or state_dir / "edge.log", verbose, progress=("fhai.edge",))
     host, port = parse_broker(broker or "127.0.0.1:1883")
     settings = BrokerSettings(
         host,

@@ -11,6 +11,7 @@ from typing import ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 
 from edge_runtime.errors import EdgeError
 from fhir_adapters.errors import FhirAdapterError
@@ -20,8 +21,12 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def setup_logging(log_file: Path | None, verbose: bool = False) -> None:
-    """Everything to the log file (if any); warnings and up (or everything with -v) to stderr."""
+def setup_logging(log_file: Path | None, verbose: bool = False, progress: tuple[str, ...] = ()) -> None:
+    """Everything to the log file (if any); warnings and up (or everything with -v) to stderr.
+
+    Loggers named in `progress` also show their INFO lines on the console: what a long-running
+    command is doing, one line per step.
+    """
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -34,6 +39,11 @@ def setup_logging(log_file: Path | None, verbose: bool = False) -> None:
     sh.setLevel(logging.DEBUG if verbose else logging.WARNING)
     sh.setFormatter(fmt)
     root.addHandler(sh)
+    if progress and not verbose:
+        shown = RichHandler(console=console, show_path=False, show_level=False, markup=False)
+        shown.setLevel(logging.INFO)
+        shown.addFilter(lambda record: record.levelno < logging.WARNING and record.name.startswith(progress))
+        root.addHandler(shown)
     for noisy in ("httpx", "httpcore", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
