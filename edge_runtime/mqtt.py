@@ -148,6 +148,7 @@ def connect(
         manual_ack=manual_ack,
     )
     conn = Connection(client, manual_ack=manual_ack)
+    refused = threading.Event()
     if settings.username:
         client.username_pw_set(settings.username, settings.password)
     if settings.ca_file:
@@ -165,6 +166,7 @@ def connect(
         if reason.is_failure:
             conn.refused = str(reason)
             log.error("broker refused %s: %s", client_id, reason)
+            refused.set()
             return
         conn.refused = None
         for topic in subscriptions:
@@ -185,8 +187,15 @@ def connect(
     def on_publish(_c: mqtt.Client, _u: Any, mid: int, reason: Any, _props: Any) -> None:
         conn.on_puback(mid, reason)
 
+    def on_subscribe(_c: mqtt.Client, _u: Any, mid: int, reasons: list[Any], _props: Any) -> None:
+        # With MQTT v5 a denied subscription comes back as SUBACK reason 135, not as an error.
+        for reason in reasons:
+            if reason.is_failure:
+                log.error("%s: the broker refused a subscription (%s): check this account's ACL", client_id, reason)
+
     client.on_connect = on_connect
     client.on_publish = on_publish
+    client.on_subscribe = on_subscribe
     client.on_disconnect = on_disconnect
     client.on_message = on_message
     props = Properties(PacketTypes.CONNECT)
@@ -207,7 +216,10 @@ def connect(
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
     client.loop_start()
-    if not conn.connected.wait(max(0.1, deadline - time.monotonic())):
+    # Wait for a CONNACK; a refusal (bad credentials, not authorized) ends the wait at once.
+    while not conn.connected.wait(0.05) and not refused.is_set() and time.monotonic() < deadline:
+        pass
+    if not conn.connected.is_set():
         client.loop_stop()
         raise BrokerError(
             "FHAI-B002",

@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -648,3 +648,13 @@ def test_enrolled_settings_are_used_by_edge_run_defaults(secure: Secure, monkeyp
     assert seen == [e.broker]
     result = CliRunner().invoke(edge_app, [*base, "--device-id", "site-b"])
     assert result.exit_code != 0 and "enrolled as 'site-a'" in result.output
+
+
+def test_our_client_reports_a_refused_login_at_once(secure: Secure) -> None:
+    """edge_runtime.mqtt.connect stops at the first refusing CONNACK instead of retrying to its timeout."""
+    wrong = replace(secure.layout.settings("coordinator"), password="not the password")
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match="FHAI-B002") as info:
+        connect("fhai-probe", wrong, [], timeout_s=30)
+    assert time.monotonic() - started < 10
+    assert "password" in str(info.value).lower() or "authorized" in str(info.value).lower()
