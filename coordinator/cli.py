@@ -12,7 +12,7 @@ from rich.table import Table
 
 from coordinator.security_cli import DEFAULT_BROKER_DIR, register_security_commands, revoke_broker_account
 from coordinator.store import Store as StoreClass
-from edge_runtime.console import console, friendly_errors, parse_broker, setup_logging
+from edge_runtime.console import broker_settings, console, friendly_errors, parse_broker, setup_logging
 
 app = typer.Typer(help="FH-AI coordinator: rounds, aggregation, model export.")
 devices_app = typer.Typer(help="Enrolled devices")
@@ -54,19 +54,11 @@ def run(
     from coordinator.service import CoordinatorService
     from coordinator.task import load_task
     from edge_runtime.keys import load_or_create_signing_key
-    from edge_runtime.mqtt import BrokerSettings
 
     setup_logging(work_dir / "coordinator.log", verbose)
     task = load_task(task_file)
     db = _open_store(store)
-    host, port = parse_broker(broker)
-    settings = BrokerSettings(
-        host,
-        port,
-        username=username,
-        password=password_file.read_text().strip() if password_file else None,
-        ca_file=str(tls_ca) if tls_ca else None,
-    )
+    settings = broker_settings(broker, username, password_file, tls_ca)
     service = CoordinatorService(db, task, load_or_create_signing_key(work_dir / "coordinator.key"), settings, work_dir)
     with Live(console=console, refresh_per_second=4) as live:
         status = service.run(on_tick=lambda m: live.update(status_line(m.status(), task.rounds)))

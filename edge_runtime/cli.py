@@ -10,11 +10,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from edge_runtime.console import console, friendly_errors, parse_broker, setup_logging
+from edge_runtime.console import broker_settings, console, friendly_errors, setup_logging
 from edge_runtime.enroll import load_credentials
 from edge_runtime.enroll_cli import register_enroll_command
 from edge_runtime.keys import load_or_create_signing_key, public_hex
-from edge_runtime.mqtt import BrokerSettings
 
 app = typer.Typer(help="FH-AI edge runtime: trains on this hospital's FHIR data, sends only model updates.")
 
@@ -59,14 +58,8 @@ def run(
     from edge_runtime.site_data import SourceConfig
 
     setup_logging(log_file or state_dir / "edge.log", verbose, progress=("fhai.edge",))
-    host, port = parse_broker(broker or "127.0.0.1:1883")
-    settings = BrokerSettings(
-        host,
-        port,
-        username=username,
-        password=password_file.read_text().strip() if password_file else None,
-        ca_file=str(tls_ca) if tls_ca else None,
-    )
+    settings = broker_settings(broker or "127.0.0.1:1883", username, password_file, tls_ca)
+    host, port = settings.host, settings.port
     enrolled = load_credentials(state_dir) if username is None else None
     if enrolled is not None:  # the account `fhai-edge enroll` stored
         if enrolled.device_id != device_id:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from edge_runtime.errors import EdgeError
+from edge_runtime.mqtt import BrokerSettings
 from fhir_adapters.errors import FhirAdapterError
 
 console = Console(stderr=True)
@@ -70,6 +71,20 @@ def friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(3) from None
 
     return wrapper
+
+
+def broker_settings(
+    broker: str, username: str | None = None, password_file: Path | None = None, tls_ca: Path | None = None
+) -> BrokerSettings:
+    """The MQTT connection the CLI flags describe (the password is read from a file, never a flag)."""
+    host, port = parse_broker(broker)
+    return BrokerSettings(
+        host,
+        port,
+        username=username,
+        password=password_file.read_text().strip() if password_file else None,
+        ca_file=str(tls_ca) if tls_ca else None,
+    )
 
 
 def parse_broker(text: str) -> tuple[str, int]:
