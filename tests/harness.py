@@ -60,7 +60,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "
 
 class Federation:
     def __init__(
-        self, root: Path, broker: LocalBroker, hospitals: dict[str, Path], task_id: str, **overrides: Any
+        self,
+        root: Path,
+        broker: LocalBroker,
+        hospitals: dict[str, Path],
+        task_id: str,
+        store_url: str | None = None,
+        **overrides: Any,
     ) -> None:
         self.root = root
         self.broker = broker
@@ -78,7 +84,7 @@ class Federation:
         self.task = TaskDefinition.model_validate(data)
         self.work = root / "coordinator"
         self.work.mkdir(parents=True, exist_ok=True)
-        self.store_url = f"sqlite:///{self.work / 'fhai.db'}"
+        self.store_url = store_url or f"sqlite:///{self.work / 'fhai.db'}"
         self.store = Store(self.store_url)
         self.key = load_or_create_signing_key(self.work / "coordinator.key")
         self.agents: dict[str, GatedAgent] = {}

@@ -31,8 +31,8 @@ pytestmark = pytest.mark.timeout(300)
 def federation_factory(tmp_path: Path, broker: LocalBroker) -> Iterator[object]:
     made: list[Federation] = []
 
-    def make(sites: dict[str, Path], name: str, **overrides: object) -> Federation:
-        fed = Federation(tmp_path / name, broker, sites, name, **overrides)
+    def make(sites: dict[str, Path], name: str, store_url: str | None = None, **overrides: object) -> Federation:
+        fed = Federation(tmp_path / name, broker, sites, name, store_url, **overrides)
         fed.enroll_all()
         made.append(fed)
         return fed
@@ -123,9 +123,11 @@ def test_broker_restart_mid_round(federation_factory, three_sites, broker: Local
         assert fed.store.accepted_devices(fed.task.task, r) == set(three_sites)
 
 
-def test_coordinator_sigkill_mid_round_resumes_without_loss_or_double_count(federation_factory, three_sites) -> None:  # type: ignore[no-untyped-def]
+def test_coordinator_sigkill_mid_round_resumes_without_loss_or_double_count(
+    federation_factory, three_sites, store_url
+) -> None:  # type: ignore[no-untyped-def]
     fed: Federation = federation_factory(
-        three_sites, "crash", rounds=3, strategy={"name": "fedadam", "server_lr": 0.05}
+        three_sites, "crash", store_url, rounds=3, strategy={"name": "fedadam", "server_lr": 0.05}
     )
     held = "site-c"
     fed.start_devices(**{held: {"hold_round": 2}})

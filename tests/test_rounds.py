@@ -33,14 +33,14 @@ class Clock:
 class Rig:
     """A store, device keys, and a RoundManager that can be 'restarted' on the same store."""
 
-    def __init__(self, tmp: Path, **overrides: object) -> None:
+    def __init__(self, tmp: Path, store_url: str | None = None, **overrides: object) -> None:
         data = load_task(TASK_FILE).model_dump()
         data.update(task="rig", rounds=2, cohort_size=3, min_updates=2, round_deadline_s=10, cohort_wait_s=0)
         data["export"] = {"formats": []}
         data.update(overrides)
         self.task = TaskDefinition.model_validate(data)
         self.tmp = tmp
-        self.store = Store(f"sqlite:///{tmp / 'db.sqlite'}")
+        self.store = Store(store_url or f"sqlite:///{tmp / 'db.sqlite'}")
         self.keys = {d: Ed25519PrivateKey.generate() for d in DEVICES}
         for d, k in self.keys.items():
             self.store.add_device(d, public_hex(k))
@@ -114,8 +114,8 @@ class Rig:
         return self.manager.handle_eval(wire.eval_topic("rig", device), frame)
 
 
-def test_a_restart_in_the_stats_round_keeps_the_sites_columns(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
+def test_a_restart_in_the_stats_round_keeps_the_sites_columns(tmp_path: Path, store_url: str) -> None:
+    rig = Rig(tmp_path, store_url)
     rig.manager.tick()  # opens round 0
     assert rig.stats("dev-a") and rig.stats("dev-b")
     rig.restart()  # the coordinator died after two of three stats
@@ -132,8 +132,8 @@ def test_a_restart_in_the_stats_round_keeps_the_sites_columns(tmp_path: Path) ->
     np.testing.assert_allclose(rig.manager.model.standardizer.mean, rows.mean(0), rtol=1e-5)
 
 
-def test_the_final_evaluation_is_announced_once_as_final_even_after_a_restart(tmp_path: Path) -> None:
-    rig = Rig(tmp_path, rounds=1)
+def test_the_final_evaluation_is_announced_once_as_final_even_after_a_restart(tmp_path: Path, store_url: str) -> None:
+    rig = Rig(tmp_path, store_url, rounds=1)
     rig.manager.tick()
     for d in DEVICES:
         rig.stats(d)
