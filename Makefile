@@ -22,9 +22,12 @@ $(SEKMET_VENV)/.installed:
 	touch $@
 
 # Mosquitto comes from Debian; tests and the demo start their own broker on a free port.
+# The store tests also use the machine's PostgreSQL (FHAI_TEST_POSTGRES overrides its URL): start it if it is down.
 services:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; }
+	@if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 && command -v pg_ctlcluster >/dev/null; then \
+		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; fi
 
 demo: setup
 	$(BIN)/fhai-coordinator demo
