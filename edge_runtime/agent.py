@@ -13,10 +13,12 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from edge_runtime import codec, wire
 from edge_runtime.deployment import Deployment
@@ -30,6 +32,7 @@ from edge_runtime.mqtt import BrokerError, BrokerSettings, Connection, connect
 from edge_runtime.profile import DeviceProfile, training_bytes
 from edge_runtime.site_data import SiteData, SourceConfig
 from edge_runtime.trainer import TrainConfig, train
+from fhir_adapters.errors import FhirAdapterError
 from fhir_adapters.features import FeatureTable
 from fhir_adapters.featurespec import parse_spec
 
@@ -46,6 +49,7 @@ class AgentConfig:
     coordinator_key: str  # hex Ed25519 public key: only frames it signed are obeyed
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     exit_when_done: bool = True
+    retry_s: float = 15.0  # after a failed attempt (FHIR server down, token expired), try the round again
 
 
 @dataclass
@@ -102,6 +106,7 @@ class EdgeAgent:
         self.conn: Connection | None = None
         self.finished = threading.Event()
         self.deployment = Deployment(cfg.state_dir, cfg.task, cfg.profile)
+        self._retry_at: float | None = None
 
     # state kept across restarts ------------------------------------------------------------------
     def _done_rounds(self) -> set[int]:
@@ -133,6 +138,9 @@ class EdgeAgent:
                 try:
                     msg = self.conn.inbox.get(timeout=0.2)
                 except queue.Empty:
+                    if self._retry_at is not None and time.monotonic() >= self._retry_at:
+                        self._retry_at = None
+                        self._attempt("retry", self.work)
                     continue
                 self.handle(msg.topic, msg.payload)
         finally:
@@ -145,22 +153,30 @@ class EdgeAgent:
                     log.warning("could not publish the offline status: %s", exc)
                 self.conn.close()
 
-    def handle(self, topic: str, payload: bytes) -> None:
+    def _attempt(self, what: str, step: Callable[[], None]) -> None:
+        """Run one step; on a failure log it and schedule a retry instead of leaving the task."""
         try:
-            frame = wire.decode_frame(payload, lambda s: self.coordinator if s == wire.COORDINATOR else None)
-            if frame.kind == "model":
-                _, self.model = model_from_frame(frame)
-            elif frame.kind == "announce":
-                self.announcement = parse_header(frame, Announcement)
-                self.deployment.save_feature_spec(self.announcement.feature_spec, self.announcement.feature_spec_hash)
-            elif frame.kind == "artifact":
-                self._install(parse_header(frame, ArtifactHeader), frame.body)
-                return
-            else:
-                raise wire.WireError("FHAI-W030", f"unexpected {frame.kind} frame on {topic}")
-            self.work()
-        except EdgeError as exc:
-            log.error("%s: %s", topic, exc)
+            step()
+        except (EdgeError, FhirAdapterError, ValidationError) as exc:
+            log.error("%s: %s (trying again in %.0fs)", what, exc, self.cfg.retry_s)
+            self._retry_at = time.monotonic() + self.cfg.retry_s
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        self._attempt(topic, lambda: self._handle(topic, payload))
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        frame = wire.decode_frame(payload, lambda s: self.coordinator if s == wire.COORDINATOR else None)
+        if frame.kind == "model":
+            _, self.model = model_from_frame(frame)
+        elif frame.kind == "announce":
+            self.announcement = parse_header(frame, Announcement)
+            self.deployment.save_feature_spec(self.announcement.feature_spec, self.announcement.feature_spec_hash)
+        elif frame.kind == "artifact":
+            self._install(parse_header(frame, ArtifactHeader), frame.body)
+            return
+        else:
+            raise wire.WireError("FHAI-W030", f"unexpected {frame.kind} frame on {topic}")
+        self.work()
 
     def _install(self, header: ArtifactHeader, body: bytes) -> None:
         """Swap the inference model, if it was built for this device's features."""

@@ -63,7 +63,7 @@ class Federation:
         self,
         root: Path,
         broker: LocalBroker,
-        hospitals: dict[str, Path],
+        hospitals: dict[str, Path | SourceConfig],
         task_id: str,
         store_url: str | None = None,
         **overrides: Any,
@@ -112,10 +112,11 @@ class Federation:
                 device_id=site,
                 task=self.task.task,
                 state_dir=self.device_key_path(site).parent,
-                source=SourceConfig.parse(str(folder)),
+                source=folder if isinstance(folder, SourceConfig) else SourceConfig.parse(str(folder)),
                 profile=load_profile("gateway"),
                 coordinator_key=public_hex(self.key),
                 broker=self.settings,
+                retry_s=1.0,
             )
             agent = GatedAgent(cfg, **gates.get(site, {}))
             self.agents[site] = agent

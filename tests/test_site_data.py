@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from coordinator.broker import LocalBroker
 from edge_runtime.site_data import SiteData, SourceConfig
 from fhir_adapters.auth import BearerAuth
 from fhir_adapters.client import FhirClient
@@ -15,6 +17,7 @@ from fhir_adapters.features import build_feature_table
 from fhir_adapters.featurespec import FeatureSpec, load_spec
 from fhir_adapters.synthetic import generate_hospitals
 from tests.fixtures.sekmet import SekmetServer, start_sekmet
+from tests.harness import Federation, wait_for
 
 TASK = Path(__file__).resolve().parents[1] / "firmware_configs" / "tasks" / "synthetic_diabetes.yaml"
 
@@ -64,3 +67,29 @@ def test_mirror_refuses_a_wrong_token_and_keeps_its_cursor(
     with pytest.raises(FhirAuthError):
         data.table(spec)
     assert data.mirror is not None and not data.mirror.cursor_file.exists()
+
+
+def test_a_device_whose_fhir_server_refuses_it_retries_and_joins_the_round(
+    tmp_path: Path, server: SekmetServer, broker: LocalBroker, three_sites: dict[str, Path]
+) -> None:
+    """One site reads its FHIR server with an expired token; once the token is renewed the round completes."""
+    hospital = generate_hospitals(1, seed=5, sizes=[60])[0]
+    with FhirClient(server.base_url, auth=BearerAuth(server.token or "")) as client:
+        hospital.load_into(client, patients_per_bundle=30)
+    token = tmp_path / "token"
+    token.write_text("expired-token")
+    sites: dict[str, Path | SourceConfig] = dict(list(three_sites.items())[:2])
+    sites["fhir-site"] = SourceConfig.parse(server.base_url, token_file=str(token))
+    fed = Federation(tmp_path / "fed", broker, sites, "fhir-retry", rounds=1)
+    fed.enroll_all()
+    try:
+        fed.start_devices()
+        fed.start_coordinator_thread()
+        wait_for(lambda: fed.store.current_round("fhir-retry") is not None, 60, "round 0 to open")
+        time.sleep(2)  # the FHIR site has failed at least once by now
+        assert "fhir-site" not in fed.store.accepted_devices("fhir-retry", 0)
+        token.write_text(server.token or "")
+        fed.wait_done()
+        assert fed.store.accepted_devices("fhir-retry", 1) == set(sites)
+    finally:
+        fed.stop()
