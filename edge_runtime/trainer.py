@@ -8,7 +8,6 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge_runtime import kernels
 from edge_runtime.errors import TrainingDataError
 from edge_runtime.model import Model
 
@@ -110,6 +109,8 @@ def train(
 
     `global_params` anchors the FedProx term (defaults to the starting parameters).
     """
+    from edge_runtime import kernels  # numba loads on the first training, not when a TrainConfig is read
+
     Xf, yi = check_training_data(model, X, y)
     out = model.copy()
     theta = out.params
@@ -160,6 +161,8 @@ def objective(
     dtype: type[np.floating] = np.float32,
 ) -> tuple[float, np.ndarray]:
     """The full-batch objective the trainer minimises and its gradient, at the model's parameters."""
+    from edge_runtime import kernels
+
     Xf, yi = check_training_data(model, X, y)
     layout = model.spec.layout()
     widths, w_off, b_off = layout.kernel_offsets()
