@@ -336,7 +336,8 @@ def render_md(res: dict[str, Any], command: str) -> str:
         f"({mark[ok['numba_over_numpy_min']]}) |",
         f"| warm start: spawn to first trained batch (warm cache), median of {len(s['warm_start_all_s'])} spread "
         "over the run | "
-        f"{s['warm_start_s']:.2f} s (imports {s['warm_start_import_s']:.2f} s, first train() "
+        f"{s['warm_start_s']:.2f} s (imports {s['warm_start_import_s']:.2f} s, first train() with numba's "
+        f"import, setup and cache load "
         f"{s['warm_start_first_call_s']:.2f} s; child CPU {s['warm_start_cpu_s']:.2f} s) | <= 1.0 "
         f"({mark[ok['warm_start_s']]}) |",
         f"| JIT compile, cold cache (fresh NUMBA_CACHE_DIR, one run) | {s['compile_cold_s']:.1f} s | |",
