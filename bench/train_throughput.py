@@ -233,10 +233,10 @@ def _child(env: dict[str, str], split: bool = False) -> tuple[float, float, floa
     return t3 - t_spawn, t1 - t0, t2 - t1, t3 - t2, cpu
 
 
-def warm_start_sample() -> tuple[float, float, float, float, float]:
+def warm_start_sample(**env: str) -> tuple[float, float, float, float, float]:
     """One warm start, with the cache where users have it (next to the module unless NUMBA_CACHE_DIR says
     otherwise). Call after this process has trained once with the same types, so the cache is warm."""
-    return _child(dict(os.environ))
+    return _child({**os.environ, **env})
 
 
 def compile_and_start_times(runs: int, starts: list[tuple[float, float, float, float, float]]) -> dict[str, Any]:
@@ -246,7 +246,12 @@ def compile_and_start_times(runs: int, starts: list[tuple[float, float, float, f
         env_cold = {**env, "NUMBA_CACHE_DIR": cache}
         cold = _child(env_cold, split=True)  # compiles every kernel train() calls and writes the cache
         warm = [_child(env_cold, split=True) for _ in range(runs)]
-    starts = starts + [warm_start_sample() for _ in range(runs)]
+    # Interleaved with runs whose OpenBLAS pools have one thread: idle pool threads spin for a while after
+    # the libraries load (numpy's and scipy's), which costs a 2-core machine CPU during the start.
+    one_thread = []
+    for _ in range(runs):
+        starts = [*starts, warm_start_sample()]
+        one_thread.append(warm_start_sample(OPENBLAS_NUM_THREADS="1"))
     med = statistics.median
     return {
         "compile_cold_s": cold[3],
@@ -258,6 +263,8 @@ def compile_and_start_times(runs: int, starts: list[tuple[float, float, float, f
         "warm_start_import_s": med(s[1] for s in starts),
         "warm_start_first_call_s": med(s[3] for s in starts),
         "warm_start_cpu_s": med(s[4] for s in starts),
+        "warm_start_one_blas_thread_s": med(s[0] for s in one_thread),
+        "warm_start_one_blas_thread_cpu_s": med(s[4] for s in one_thread),
     }
 
 
@@ -340,6 +347,8 @@ def render_md(res: dict[str, Any], command: str) -> str:
         f"import, setup and cache load "
         f"{s['warm_start_first_call_s']:.2f} s; child CPU {s['warm_start_cpu_s']:.2f} s) | <= 1.0 "
         f"({mark[ok['warm_start_s']]}) |",
+        f"| same, with OPENBLAS_NUM_THREADS=1 (median of {s['cache_load_runs']}, interleaved) | "
+        f"{s['warm_start_one_blas_thread_s']:.2f} s (child CPU {s['warm_start_one_blas_thread_cpu_s']:.2f} s) | |",
         f"| JIT compile, cold cache (fresh NUMBA_CACHE_DIR, one run) | {s['compile_cold_s']:.1f} s | |",
         f"| JIT cache load, warm cache, median of {s['cache_load_runs']} | {s['cache_load_warm_s']:.3f} s | |",
         f"| Numba's one-off setup per process (registries; imports scipy.linalg), in both | "
