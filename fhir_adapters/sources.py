@@ -7,7 +7,7 @@ import gzip
 import logging
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import orjson
 
@@ -81,12 +81,18 @@ class NdjsonDirSource:
         self, types: Collection[str] | None = None, report: IngestReport | None = None
     ) -> Iterator[dict[str, Any]]:
         rep = report if report is not None else IngestReport()
+        for f in self.iter_files(types):
+            yield from iter_ndjson(f, rep, types)
+
+    def iter_files(self, types: Collection[str] | None = None) -> Iterator[IO[bytes]]:
+        """The files that may hold `types`, open for reading as ndjson text (lines of bytes), one at a time:
+        for consumers that parse each line in their own loop (FeatureBuilder.add_ndjson)."""
         for path in self.files():
             ftype = _ndjson_type(path)
             if types is not None and ftype is not None and ftype not in types:
                 continue
             with _open(path) as f:
-                yield from iter_ndjson(f, rep, types)
+                yield f
 
 
 class BundleDirSource:

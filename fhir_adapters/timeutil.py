@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _fromiso = datetime.fromisoformat
 
 
@@ -21,7 +22,8 @@ def to_days(value: object) -> float | None:
             dt = _fromiso(value)
             if dt.tzinfo is None:
                 dt = dt.replace(tzinfo=UTC)
-            return dt.timestamp() / 86400.0
+            d = dt - _EPOCH  # whole microseconds over microseconds per day: one rounding, as parse_times
+            return ((d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds) / 86_400_000_000.0
         if n == 10:
             return float(date.fromisoformat(value).toordinal() - _EPOCH_ORDINAL)
         if n == 7:
