@@ -92,6 +92,8 @@ class EnrollmentService:
         self.settings = settings
         self.bootstrap_user = bootstrap_user
         self._bootstrap_enabled: bool | None = None
+        # The service loop and an operator's call may both sync: check-and-act must not interleave.
+        self._bootstrap_lock = threading.Lock()
         self.bootstrap_grace_s = bootstrap_grace_s
         self._last_request = float("-inf")
         self.conn: Connection | None = None
@@ -162,14 +164,15 @@ class EnrollmentService:
     def sync_bootstrap(self, now: float | None = None) -> bool:
         """Enable the bootstrap account while a token is live (and for a grace period after the last
         request), disable it otherwise; returns whether it is enabled."""
-        live = self.store.live_tokens(time.time() if now is None else now) > 0
-        live = live or time.monotonic() - self._last_request < self.bootstrap_grace_s
-        if self.bootstrap_user is not None and live != self._bootstrap_enabled:
-            command = "enableClient" if live else "disableClient"
-            self.admin.run([{"command": command, "username": self.bootstrap_user}])
-            self._bootstrap_enabled = live
-            log.info("bootstrap account %s %s", self.bootstrap_user, "enabled" if live else "disabled")
-        return live
+        with self._bootstrap_lock:
+            live = self.store.live_tokens(time.time() if now is None else now) > 0
+            live = live or time.monotonic() - self._last_request < self.bootstrap_grace_s
+            if self.bootstrap_user is not None and live != self._bootstrap_enabled:
+                command = "enableClient" if live else "disableClient"
+                self.admin.run([{"command": command, "username": self.bootstrap_user}])
+                self._bootstrap_enabled = live
+                log.info("bootstrap account %s %s", self.bootstrap_user, "enabled" if live else "disabled")
+            return live
 
     # the loop ------------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, ready: threading.Event | None = None) -> None:
