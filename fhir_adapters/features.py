@@ -245,8 +245,7 @@ class FeatureBuilder:
             if rtype == "Observation":
                 return any((c.get("system"), c.get("code")) in self._by_code for c in res["code"]["coding"])
             if rtype == "Condition":
-                codings = (res.get("code") or {}).get("coding") or ()
-                return any(self._is_label_code(c.get("system"), c.get("code")) for c in codings)
+                return self._has_label_code((res.get("code") or {}).get("coding") or ())
         except (AttributeError, TypeError, KeyError):
             return True  # malformed: let validation say why
         return False
@@ -276,7 +275,7 @@ class FeatureBuilder:
         report, by_code, ref_pid = self.report, self._by_code_only, self._ref_pid
         keep = self._obs.extend
         excluded, add_other, gate = EXCLUDED_OBS_STATUS, self._add_other, self._gate
-        commit, extract, loads = self._commit, self._extract, orjson.loads
+        commit, extract, loads, pid_of_ref = self._commit, self._extract, orjson.loads, self._pid_of_ref
         for r in items:
             if text:  # one ndjson line (sources.iter_ndjson does the same for dict consumers)
                 line = r
@@ -330,7 +329,8 @@ class FeatureBuilder:
                 value = q["value"]
                 conv = ch.convs[q["code"]]
                 when = r["effectiveDateTime"]
-                p = ref_pid[r["subject"]["reference"]]
+                ref = r["subject"]["reference"]
+                p = ref_pid[ref] if ref in ref_pid else pid_of_ref(ref)  # a patient's first: resolve it here
                 if (
                     r["status"] in excluded
                     or p < 0
@@ -453,25 +453,31 @@ class FeatureBuilder:
         self._pid(pid)
         self.report.accepted["Patient"] += 1
 
-    def _is_label_code(self, system: object, code: object) -> bool:
-        if (system, code) in self._label_exact:
-            return True
-        if not isinstance(code, str):
-            return False
-        return any(system == s and code.startswith(c) for s, c in self._label_prefix)
+    def _has_label_code(self, codings: Iterable[Any]) -> bool:
+        """Whether a coding is a label code (exact, or by prefix in the prefix systems). Plain loops: this
+        runs for every Condition."""
+        for c in codings:
+            system, code = c.get("system"), c.get("code")
+            if (system, code) in self._label_exact:
+                return True
+            if isinstance(code, str):
+                for s, prefix in self._label_prefix:
+                    if system == s and code.startswith(prefix):
+                        return True
+        return False
 
     def _add_condition(self, cond: dict[str, Any]) -> None:
-        codings = (cond.get("code") or {}).get("coding") or ()
-        if not any(self._is_label_code(c.get("system"), c.get("code")) for c in codings):
+        if not self._has_label_code((cond.get("code") or {}).get("coding") or ()):
             self.report.ignored += 1
             return
         if self._gate is not None and not self._gate(cond):
             return
         rid = cond.get("id")
         ver = cond.get("verificationStatus")
-        if ver and any(c.get("code") in EXCLUDED_VERIFICATION for c in ver.get("coding") or ()):
-            self.report.reject(v.STATUS_EXCLUDED, f"Condition/{rid}")
-            return
+        for c in (ver.get("coding") or ()) if ver else ():
+            if c.get("code") in EXCLUDED_VERIFICATION:
+                self.report.reject(v.STATUS_EXCLUDED, f"Condition/{rid}")
+                return
         subject = cond.get("subject")
         pid = _ref_id(subject.get("reference")) if subject else None
         if pid is None:
@@ -704,21 +710,13 @@ def _parse_fixed(chars: npt.NDArray[np.uint8], width: int) -> npt.NDArray[np.flo
     c = np.ascontiguousarray(chars[:, :width].T)  # one contiguous row per character position
     d = c - np.uint8(48)  # digit values; a byte that is not a digit wraps round to more than 9
     seps = _SEPARATORS[width]
-    ok = np.ones(c.shape[1], dtype=bool)
-    for col in range(width):
-        if col in seps:
-            ok &= c[col] == seps[col]
-        elif not (width == 25 and col == 19):
-            ok &= d[col] <= 9
-
-    def num(*cols: int) -> npt.NDArray[np.int32]:
-        v = d[cols[0]].astype(np.int32)
-        for col in cols[1:]:
-            v *= 10
-            v += d[col]
-        return v
-
-    y, mo, day = num(0, 1, 2, 3), num(5, 6), num(8, 9)
+    digits = [i for i in range(width) if i not in seps and not (width == 25 and i == 19)]
+    ok = (d[digits] <= 9).all(axis=0)
+    ok &= (c[list(seps)] == np.array(list(seps.values()), dtype=np.uint8)[:, None]).all(axis=0)
+    # two-digit numbers at once: year hi, year lo, month, day, then hh, mm, ss, and the offset's hh, mm
+    starts = [0, 2, 5, 8] + ([11, 14, 17] if width > 10 else []) + ([20, 23] if width == 25 else [])
+    two = d[starts].astype(np.int32) * 10 + d[[i + 1 for i in starts]]
+    y, mo, day = two[0] * 100 + two[1], two[2], two[3]
     leap = (y % 4 == 0) & ((y % 100 != 0) | (y % 400 == 0))
     ok &= (y >= 1) & (mo >= 1) & (mo <= 12) & (day >= 1)
     ok &= day <= _DAYS_IN_MONTH[np.clip(mo, 0, 12)] + ((mo == 2) & leap)
@@ -729,12 +727,12 @@ def _parse_fixed(chars: npt.NDArray[np.uint8], width: int) -> npt.NDArray[np.flo
     doy = (153 * np.where(mo > 2, mo - 3, mo + 9) + 2) // 5 + day - 1
     secs = (era * 146_097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719_468).astype(np.int64) * 86_400
     if width > 10:
-        hh, mi, ss = num(11, 12), num(14, 15), num(17, 18)
+        hh, mi, ss = two[4], two[5], two[6]
         ok &= (hh <= 23) & (mi <= 59) & (ss <= 59)
         secs += hh * 3600 + mi * 60 + ss
     if width == 25:
         east = c[19] == ord("+")
-        oh, om = num(20, 21), num(23, 24)
+        oh, om = two[7], two[8]
         ok &= (east | (c[19] == ord("-"))) & (oh <= 23) & (om <= 59)
         secs -= np.where(east, 1, -1) * (oh * 3600 + om * 60)
     return np.where(ok, (secs * 1_000_000).astype(np.float64) / US_PER_DAY, np.nan)

@@ -177,11 +177,13 @@ def test_label_counts_onset_up_to_horizon_only() -> None:
         cond("icd", day(10), "E11.9", "http://hl7.org/fhir/sid/icd-10-cm"),  # ICD-10 by prefix
         patient("snomed_prefix"),
         cond("snomed_prefix", day(10), "440540061"),  # SNOMED is exact
+        patient("other_system"),
+        cond("other_system", day(10), "E11.9", "http://example.org/codes"),  # prefixes only in ICD-10 systems
         patient("none"),
     ]
     t = build_feature_table(ListSource(res), spec())
     labels = dict(zip(t.patient_ids, t.y.tolist(), strict=True))
-    assert labels == {"in": 1, "late": 0, "before": 1, "icd": 1, "snomed_prefix": 0, "none": 0}
+    assert labels == {"in": 1, "late": 0, "before": 1, "icd": 1, "snomed_prefix": 0, "other_system": 0, "none": 0}
 
 
 def test_exclude_prevalent_drops_patients_diagnosed_before_index() -> None:
