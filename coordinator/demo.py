@@ -182,8 +182,6 @@ def run_demo(
     central, local = baselines(task, splits, epochs)
     X_hold = np.vstack([s.X_hold for s in splits.values()])
     y_hold = np.concatenate([s.y_hold for s in splits.values()])
-    cp = store.latest_checkpoint(task.task)
-    assert cp is not None
     federated = service.manager.model
     assert federated is not None
 

@@ -34,7 +34,7 @@ from edge_runtime.site_data import SiteData, SourceConfig
 from edge_runtime.trainer import TrainConfig, train
 from fhir_adapters.errors import FhirAdapterError
 from fhir_adapters.features import FeatureTable
-from fhir_adapters.featurespec import parse_spec
+from fhir_adapters.featurespec import FeatureSpec, parse_spec
 
 log = logging.getLogger("fhai.edge")
 
@@ -221,10 +221,10 @@ class EdgeAgent:
         if ann.final and self.cfg.exit_when_done:
             self.finished.set()
 
-    def _local_split(self, ann: Announcement, spec: object) -> LocalSplit:
+    def _local_split(self, ann: Announcement, spec: FeatureSpec) -> LocalSplit:
         # File sources do not change between rounds; a FHIR mirror is synced each round.
         if self._split is None or self._split[0] != ann.feature_spec_hash or self.cfg.source.kind == "fhir":
-            table = self.data.table(spec)  # type: ignore[arg-type]
+            table = self.data.table(spec)
             self._split = (
                 ann.feature_spec_hash,
                 split_table(table, self.cfg.device_id, self.cfg.profile.holdout_fraction),
