@@ -12,7 +12,7 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from coordinator.aggregation import Strategy, UpdateAccumulator, build_strategy
 from coordinator.aggregation.state import decode_state, encode_state
+from coordinator.downlink import Downlink
 from coordinator.errors import CoordinatorError, RejectedUpdateError
 from coordinator.store import Evaluation, Round, Store, StoredUpdate
 from coordinator.task import TaskDefinition
@@ -98,8 +99,11 @@ class RoundManager:
         self.clock = clock
         self.strategy: Strategy = build_strategy(task.strategy)
         self.spec_hash = task.spec().spec_hash()
-        self.model: Model | None = None
+        self.model: Model | None = None  # the exact global model the strategy moves
         self.model_round = -1
+        # What the devices hold: the exact model at `downlink.bits: 32`, else the quantized downlink's reference.
+        self.downlink = Downlink(task.downlink, task.task, task.seed)
+        self._published: dict[str, str] = {}  # model topic channel -> ident of the frame retained there
         self.columns: list[str] = []  # the feature table's columns, as the sites reported them
         self.units: list[str | None] = []
         self.state: RoundState | None = None
@@ -151,9 +155,21 @@ class RoundManager:
             return
         self.model = model_from_body(json.loads(cp.spec), cp.model)
         self.model_round = cp.round
+        self.downlink.replay(self._committed_models(cp.round))
         self.strategy.load_state_dict(decode_state(cp.strategy_state))
         meta = json.loads(cp.meta)
         self.columns, self.units = meta.get("columns", []), meta.get("units", [])
+
+    def _committed_models(self, last: int) -> Iterator[tuple[int, Model]]:
+        for r in range(last + 1):
+            cp = self.store.checkpoint(self.task.task, r)
+            if cp is not None:
+                yield r, model_from_body(json.loads(cp.spec), cp.model)
+
+    @property
+    def device_model(self) -> Model | None:
+        """The global model as every device holds it (the one rounds train from and devices evaluate)."""
+        return self.downlink.reference
 
     # opening rounds ------------------------------------------------------------------------------
     def _next_phase(self) -> tuple[int, str] | None:
@@ -177,7 +193,7 @@ class RoundManager:
             round=round_no,
             phase=phase,
             status="collecting",
-            model_version=self.model.version() if self.model else "none",
+            model_version=self.device_model.version() if self.device_model else "none",
             cohort=json.dumps(cohort),
             deadline=now + self.task.round_deadline_s,
             extensions=extensions,
@@ -200,18 +216,19 @@ class RoundManager:
             self.state.accumulator = self.strategy.new_accumulator(self.model.params.size, spill)
 
     def _announce(self) -> None:
-        """Publish (retained) the global model, then the announcement that refers to it."""
+        """Publish (retained) the global model's frames that changed, then the announcement that refers to it."""
         assert self.state is not None
         row = self.state.row
-        if self.model is not None:
-            header = {
-                "task": self.task.task,
-                "round": self.model_round,
-                "model_version": self.model.version(),
-                "spec": self.model.spec.to_dict(),
-            }
-            frame = wire.encode_frame("model", wire.COORDINATOR, header, model_body(self.model), self.key)
-            self.publish(wire.model_topic(self.task.task), frame, True)
+        topics = {
+            "live": wire.model_topic(self.task.task),
+            "key": wire.model_key_topic(self.task.task),
+            "chain": wire.model_chain_topic(self.task.task),
+        }
+        for out in self.downlink.frames():
+            if self._published.get(out.channel) != out.ident:
+                frame = wire.encode_frame("model", wire.COORDINATOR, out.header, out.body, self.key)
+                self.publish(topics[out.channel], frame, True)
+                self._published[out.channel] = out.ident
         announcement = Announcement(
             task=self.task.task,
             round=row.round,
@@ -352,7 +369,7 @@ class RoundManager:
             if header.task != self.task.task:
                 raise RejectedUpdateError("FHAI-R005", f"evaluation is for task {header.task!r}")
             # Only the current global model is evaluated, and only by the open round's cohort.
-            if self.model is None or header.model_version != self.model.version():
+            if self.device_model is None or header.model_version != self.device_model.version():
                 raise RejectedUpdateError(
                     "FHAI-R015", f"evaluation of model {header.model_version}, not the current one"
                 )
@@ -482,13 +499,14 @@ class RoundManager:
         if self.state.accumulator is not None:
             self.state.accumulator.close()
         self.model, self.model_round = new, row.round
+        shipped = self.downlink.advance(new, row.round)
         log.info(
             "round %d committed: model %s from %d contributions", row.round, new.version(), len(self.state.accepted)
         )
         export = self.task.export
         if row.phase == "train" and export.formats and (export.every_round or row.round == self.task.rounds):
             try:
-                self._publish_artifacts(new, row.round, len(self.state.accepted))
+                self._publish_artifacts(shipped, row.round, len(self.state.accepted))
             except Exception:  # an export problem must not stop the training; the model is committed
                 log.exception(
                     "round %d: exporting the model failed; training goes on, and "
@@ -529,8 +547,8 @@ class RoundManager:
         self._open(self.model_round + 1, "eval")
 
     def _final_evals_in(self) -> bool:
-        assert self.model is not None and self.state is not None
-        version = self.model.version()
+        assert self.device_model is not None and self.state is not None
+        version = self.device_model.version()
         reported = {e.device_id for e in self.store.evaluations(self.task.task) if e.model_version == version}
         return set(self.state.cohort) <= reported
 
@@ -544,5 +562,5 @@ class RoundManager:
             "accepted": len(self.state.accepted) if self.state else 0,
             "cohort": len(self.state.cohort) if self.state else 0,
             "online": len(self.online),
-            "model_version": self.model.version() if self.model else None,
+            "model_version": self.device_model.version() if self.device_model else None,
         }

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from coordinator.aggregation import build_strategy
+from coordinator.downlink import DownlinkSettings
 from coordinator.errors import CoordinatorError
 from edge_runtime.messages import CodecSettings
 from edge_runtime.model import ModelSpec
@@ -52,6 +53,7 @@ class TaskDefinition(BaseModel):
     deadline_extensions: int = Field(2, ge=0)
     train: dict[str, Any] = Field(default_factory=dict)
     codec: CodecSettings = Field(default_factory=CodecSettings)
+    downlink: DownlinkSettings = Field(default_factory=DownlinkSettings)
     export: ExportSection = Field(default_factory=ExportSection)
     seed: int = 0
 

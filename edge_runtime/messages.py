@@ -114,14 +114,6 @@ def model_from_body(spec_dict: dict[str, Any], body: bytes) -> Model:
     )
 
 
-def model_from_frame(frame: Frame) -> tuple[ModelHeader, Model]:
-    header = parse_header(frame, ModelHeader)
-    model = model_from_body(header.spec, frame.body)
-    if model.version() != header.model_version:
-        raise WireError("FHAI-W023", f"model body hashes to {model.version()}, header says {header.model_version}")
-    return header, model
-
-
 def stats_body(total: np.ndarray, total_sq: np.ndarray) -> bytes:
     return np.ascontiguousarray(total, "<f8").tobytes() + np.ascontiguousarray(total_sq, "<f8").tobytes()
 

@@ -120,6 +120,13 @@ class Connection:
         if self.manual_ack and msg.qos > 0:
             self.client.ack(msg.mid, msg.qos)
 
+    def subscribe(self, topic: str) -> None:
+        """Subscribe for a while (the persistent session keeps it across reconnects until `unsubscribe`)."""
+        self.client.subscribe(topic, qos=1)
+
+    def unsubscribe(self, topic: str) -> None:
+        self.client.unsubscribe(topic)
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
