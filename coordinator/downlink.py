@@ -60,6 +60,7 @@ class Downlink:
     task: str
     seed: int
     reference: Model | None = None
+    previous: Model | None = None  # the reference one round before: a late export may ship it
     round: int = -1
     keyframe: tuple[int, Model] | None = None
     chain: list[tuple[ChainEntry, bytes]] = field(default_factory=list)
@@ -67,7 +68,7 @@ class Downlink:
 
     def advance(self, exact: Model, round_no: int) -> Model:
         """Move the reference copy towards `exact` (committed in `round_no`); returns the new reference."""
-        ref = self.reference
+        ref = self.previous = self.reference
         if self.settings.bits == 32:
             self.reference = exact.copy()
             self.live = OutFrame("live", frame_header(self.task, round_no, exact, "full"), model_body(exact))

@@ -22,8 +22,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from coordinator.aggregation import Strategy, UpdateAccumulator, build_strategy
 from coordinator.aggregation.state import decode_state, encode_state
+from coordinator.artifact_delivery import artifact_frames, improved
 from coordinator.downlink import Downlink
 from coordinator.errors import CoordinatorError, RejectedUpdateError
+from coordinator.report import POOLED, metric_rows
 from coordinator.store import Evaluation, Round, Store, StoredUpdate
 from coordinator.task import TaskDefinition
 from edge_runtime import codec, wire
@@ -503,44 +505,58 @@ class RoundManager:
         log.info(
             "round %d committed: model %s from %d contributions", row.round, new.version(), len(self.state.accepted)
         )
+        if row.phase == "train" and self.task.export.formats:
+            for round_no, model, reason in self._exports_due(row.round, shipped):
+                try:
+                    self._publish_artifacts(model, round_no, reason, len(self.state.accepted))
+                except Exception:  # an export problem must not stop the training; the model is committed
+                    log.exception(
+                        "round %d: exporting the model failed; training goes on, and "
+                        "`fhai-coordinator export` can retry from the checkpoint",
+                        round_no,
+                    )
+
+    def _exports_due(self, round_no: int, shipped: Model) -> list[tuple[int, Model, str]]:
+        """The task's export policy after committing `round_no`: (round, devices' model, reason) to export."""
         export = self.task.export
-        if row.phase == "train" and export.formats and (export.every_round or row.round == self.task.rounds):
-            try:
-                self._publish_artifacts(shipped, row.round, len(self.state.accepted))
-            except Exception:  # an export problem must not stop the training; the model is committed
-                log.exception(
-                    "round %d: exporting the model failed; training goes on, and "
-                    "`fhai-coordinator export` can retry from the checkpoint",
-                    row.round,
-                )
+        due: dict[int, tuple[Model, str]] = {}
+        previous = self.downlink.previous
+        if export.on_improvement and previous is not None:
+            # The devices evaluated the previous round's model during this round.
+            rows = metric_rows(self.store.evaluations(self.task.task))
+            if improved({r.round: r.auroc for r in rows if r.site == POOLED}, round_no - 1):
+                due[round_no - 1] = (previous, "improved")
+        if export.every and round_no % export.every == 0:
+            due[round_no] = (shipped, "every")
+        if export.at_end and round_no == self.task.rounds:
+            due[round_no] = (shipped, "end")
+        return [(r, m, reason) for r, (m, reason) in sorted(due.items())]
 
-    def _publish_artifacts(self, model: Model, round_no: int, n_updates: int) -> None:
-        """Export the new global model for on-device inference and publish each format, retained."""
-        from coordinator.distribution import build_artifacts  # TensorFlow loads only when exports are asked for
-
-        artifacts = build_artifacts(
+    def _publish_artifacts(self, model: Model, round_no: int, reason: str, n_updates: int) -> None:
+        """Export the devices' model of `round_no` and publish each format, retained (see artifact_delivery)."""
+        card_fields = {
+            "name": self.task.task,
+            "feature_spec_hash": self.spec_hash,
+            "columns": self.columns,
+            "units": self.units,
+            "metrics": {"updates": float(n_updates)},
+        }
+        outs = artifact_frames(
             model,
             self.task.export.formats,
-            name=self.task.task,
-            feature_spec_hash=self.spec_hash,
-            columns=self.columns,
-            units=self.units,
-            rounds=round_no,
-            metrics={"updates": float(n_updates)},
+            task=self.task.task,
+            round_no=round_no,
+            reason=reason,
+            card_fields=card_fields,
         )
         folder = self.spill_dir.parent / "exports" / f"round-{round_no}"
-        for fmt, artifact in artifacts.items():
-            header = {
-                "task": self.task.task,
-                "round": round_no,
-                "model_version": model.version(),
-                "format": fmt,
-                "card": artifact.card.to_dict(),
-            }
-            frame = wire.encode_frame("artifact", wire.COORDINATOR, header, artifact.data, self.key)
-            self.publish(wire.artifact_topic(self.task.task, fmt), frame, True)
-            save_model_files(artifact.data, artifact.card, artifact.suffix, folder / self.task.task)
-        log.info("round %d: published %s exports", round_no, ", ".join(artifacts))
+        for out in outs:
+            topic = (wire.artifact_full_topic if out.full else wire.artifact_topic)(self.task.task, out.fmt)
+            frame = wire.encode_frame("artifact", wire.COORDINATOR, out.header, out.body, self.key)
+            self.publish(topic, frame, True)
+            if not out.full:
+                save_model_files(out.artifact.data, out.artifact.card, out.artifact.suffix, folder / self.task.task)
+        log.info("round %d (%s): published %s exports", round_no, reason, ", ".join(sorted({o.fmt for o in outs})))
 
     def _open_final_eval(self) -> None:
         assert self.model is not None

@@ -31,6 +31,7 @@ from edge_runtime.metrics import evaluate, score_histograms
 from edge_runtime.model import Model
 from edge_runtime.mqtt import BrokerError, BrokerSettings, Connection, connect
 from edge_runtime.profile import DeviceProfile, training_bytes
+from edge_runtime.rebuild import RebuildError, rebuild_artifact
 from edge_runtime.site_data import SiteData, SourceConfig
 from edge_runtime.trainer import TrainConfig, train
 from fhir_adapters.errors import FhirAdapterError
@@ -105,6 +106,8 @@ class EdgeAgent:
         self.model_file = cfg.state_dir / f"model-{cfg.task}.bin"  # the held global model, to resume from
         self.follower = ModelFollower(self._load_held())
         self._syncing: list[str] = []  # catch-up topics subscribed while the held model is behind
+        self._skeleton: tuple[ArtifactHeader, bytes] | None = None  # an export to rebuild once its model is held
+        self._fetching_artifact = False
         self._split: tuple[str, LocalSplit] | None = None
         self.conn: Connection | None = None
         self.finished = threading.Event()
@@ -212,7 +215,7 @@ class EdgeAgent:
             self.announcement = parse_header(frame, Announcement)
             self.deployment.save_feature_spec(self.announcement.feature_spec, self.announcement.feature_spec_hash)
         elif frame.kind == "artifact":
-            self._install(parse_header(frame, ArtifactHeader), frame.body)
+            self._on_artifact(parse_header(frame, ArtifactHeader), frame.body)
             return
         else:
             raise wire.WireError("FHAI-W030", f"unexpected {frame.kind} frame on {topic}")
@@ -234,6 +237,7 @@ class EdgeAgent:
             self._save_held()
             assert follower.held is not None
             log.info("global model %s of round %d", follower.held.model.version(), follower.held.round)
+            self._rebuild_export()
 
     def _sync_subscriptions(self) -> None:
         """Subscribe to the catch-up topics while behind (the chain first, when a held copy may patch forward)."""
@@ -253,6 +257,44 @@ class EdgeAgent:
             if topic not in wanted:
                 self.conn.unsubscribe(topic)
         self._syncing = wanted
+
+    def _on_artifact(self, header: ArtifactHeader, body: bytes) -> None:
+        if header.delivery == "full":
+            self._install(header, body)
+            if self._fetching_artifact and self.conn is not None:
+                self.conn.unsubscribe(wire.artifact_full_topic(self.cfg.task, self.deployment.format))
+                self._fetching_artifact = False
+            if self._skeleton is not None and self._skeleton[0].round <= header.round:
+                self._skeleton = None
+            return
+        self._skeleton = (header, body)
+        self._rebuild_export()
+
+    def _rebuild_export(self) -> None:
+        """Rebuild a float export from the held parameters; fetch the whole artifact if that cannot work."""
+        if self._skeleton is None:
+            return
+        header, packed = self._skeleton
+        model = self.follower.recent.get(header.model_version)
+        held = self.follower.held
+        if model is None and (held is None or held.round < header.round):
+            return  # the model it was exported from has not arrived yet
+        try:
+            if model is None:
+                raise RebuildError(
+                    "FHAI-L814", f"model {header.model_version} of round {header.round} is not held here"
+                )
+            data = rebuild_artifact(packed, header.holes, model, ModelCard.from_dict(header.card).artifact_sha256)
+        except RebuildError as exc:
+            log.warning("%s", exc)
+            self._skeleton = None
+            if self.conn is not None and not self._fetching_artifact:
+                self.conn.subscribe(wire.artifact_full_topic(self.cfg.task, self.deployment.format))
+                self._fetching_artifact = True
+            return
+        self._skeleton = None
+        self._install(header, data)
+        log.info("rebuilt the round-%d %s export from the held parameters", header.round, header.format)
 
     def _install(self, header: ArtifactHeader, body: bytes) -> None:
         """Swap the inference model, if it was built for this device's features."""
