@@ -35,16 +35,18 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from coordinator.broker import CONFIG_DIR, MAX_PACKET_BYTES, free_port, start_mosquitto, stop_mosquitto  # noqa: E402
-from coordinator.demo import demo_task, federate  # noqa: E402
+from coordinator.demo import DEVICE_PROFILE, demo_task, federate  # noqa: E402
 from coordinator.report import POOLED, metric_rows  # noqa: E402
 from coordinator.store import Store  # noqa: E402
 from coordinator.task import TaskDefinition  # noqa: E402
 from edge_runtime.console import console  # noqa: E402
+from edge_runtime.profile import PROFILE_DIR  # noqa: E402
 from fhir_adapters.synthetic import generate_hospitals  # noqa: E402
 
 SITES = 5
@@ -134,18 +136,34 @@ def broker_conf(workdir: Path, port: int) -> Path:
     return conf
 
 
-def case_task(name: str, rounds: int, downlink_bits: int, hidden: list[int], epochs: int | None) -> TaskDefinition:
+@dataclass(frozen=True)
+class Case:
+    task: TaskDefinition
+    epochs: int | None  # local epochs, in the devices' profile (a profile's epochs win over the task's)
+
+
+def case(name: str, rounds: int, downlink_bits: int, hidden: list[int], epochs: int | None = None) -> Case:
     task = demo_task(rounds, 8, f"wire-{name}-{int(time.time())}")
     data = task.model_dump()
     data["downlink"] = {**data["downlink"], "bits": downlink_bits}
     data["model"] = {**data["model"], "hidden": hidden}
-    if epochs is not None:
-        data["train"] = {**data["train"], "epochs": epochs}
     data.update(cohort_size=SITES, min_updates=SITES, cohort_wait_s=60, round_deadline_s=600)
-    return TaskDefinition.model_validate(data)
+    return Case(TaskDefinition.model_validate(data), epochs)
 
 
-def run_case(name: str, task: TaskDefinition, work: Path) -> dict[str, Any]:
+def device_profile(out: Path, epochs: int | None) -> str:
+    """The demo's gateway profile, with fewer local epochs when the case asks (the 1M model on 2 shared cores)."""
+    if epochs is None:
+        return DEVICE_PROFILE
+    data = yaml.safe_load((PROFILE_DIR / f"{DEVICE_PROFILE}.yaml").read_text())
+    data["train"] = {**data.get("train", {}), "epochs": epochs}
+    path = out / "profile.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def run_case(name: str, spec: Case, work: Path) -> dict[str, Any]:
+    task = spec.task
     out = work / name
     out.mkdir(parents=True)
     hospitals = generate_hospitals(SITES, seed=SEED)
@@ -162,7 +180,7 @@ def run_case(name: str, task: TaskDefinition, work: Path) -> dict[str, Any]:
         (out / "coordinator").mkdir()
         store = Store(f"sqlite:///{out / 'coordinator' / 'fhai.db'}")
         started = time.monotonic()
-        service = federate(out, task, sites, store, "127.0.0.1", port, timeout_s=3600)
+        service = federate(out, task, sites, store, "127.0.0.1", port, 3600, device_profile(out, spec.epochs))
         seconds = time.monotonic() - started
         after = monitor.settle()
         monitor_share = monitor.received_by_monitor - monitor_before
@@ -264,13 +282,13 @@ def main() -> None:
     args = parser.parse_args()
     demo_rounds, big_rounds = (3, 2) if args.quick else (10, 5)
     cases = {
-        "demo_8bit_down": case_task("demo8", demo_rounds, 8, [], None),
-        "demo_float32_down": case_task("demo32", demo_rounds, 32, [], None),
-        "mlp_1m_8bit_down": case_task("big8", big_rounds, 8, [1000, 1000], 1),
+        "demo_8bit_down": case("demo8", demo_rounds, 8, []),
+        "demo_float32_down": case("demo32", demo_rounds, 32, []),
+        "mlp_1m_8bit_down": case("big8", big_rounds, 8, [1000, 1000], epochs=1),
     }
     work = Path(tempfile.mkdtemp(prefix="fhai-wire-"))
     try:
-        results = {name: run_case(name, task, work) for name, task in cases.items()}
+        results = {name: run_case(name, c, work) for name, c in cases.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     big, q, f = results["mlp_1m_8bit_down"], results["demo_8bit_down"], results["demo_float32_down"]

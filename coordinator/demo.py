@@ -81,10 +81,18 @@ def baselines(task: TaskDefinition, splits: dict[str, LocalSplit], epochs: int) 
 
 
 def federate(
-    out: Path, task: TaskDefinition, sites: list[str], store: Store, host: str, port: int, timeout_s: float
+    out: Path,
+    task: TaskDefinition,
+    sites: list[str],
+    store: Store,
+    host: str,
+    port: int,
+    timeout_s: float,
+    profile: str = DEVICE_PROFILE,
 ) -> CoordinatorService:
-    """Enroll each site, start its edge runtime as its own process (reading out/hospitals/<site>), and run the
-    coordinator here with a progress bar until the task is done; the devices' state is under out/devices."""
+    """Enroll each site, start its edge runtime as its own process (reading out/hospitals/<site>, device
+    profile `profile`: a name or a YAML path), and run the coordinator here with a progress bar until the
+    task is done; the devices' state is under out/devices."""
     key = load_or_create_signing_key(out / "coordinator" / "coordinator.key")
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -96,7 +104,7 @@ def federate(
                 "--task", task.task, "--device-id", site,
                 "--source", str(out / "hospitals" / site),
                 "--coordinator-key", public_hex(key),
-                "--state-dir", str(state), "--profile", DEVICE_PROFILE,
+                "--state-dir", str(state), "--profile", profile,
                 "--broker", f"{host}:{port}",
             ]  # fmt: skip
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(state / "stderr.log").open("wb")))
