@@ -204,28 +204,36 @@ class ModelFollower:
         return self._resolve()
 
     def _resolve(self) -> bool:
-        """Move as far forward as the held copy, keyframe, chain and pending live delta allow."""
+        """Move as far forward as the held copy, keyframe, chain and pending live delta allow.
+
+        A chain or live patch that fails is dropped before the error propagates, so one bad frame cannot
+        make every later frame fail too; the next retained copy or live patch is tried afresh.
+        """
         changed = False
         if self._keyframe is not None and (self.held is None or self.held.round < self._keyframe.round):
             changed |= self._adopt(self._keyframe.model, self._keyframe.round)
         if self._chain is not None and self.held is not None:
             header, body = self._chain
-            spec = ModelSpec.from_dict(header.spec)
-            for entry, delta in split_chain(header, body):
-                if entry.round > self.held.round and entry.base_version == self.held.model.version():
-                    model = _checked(apply_patch(self.held.model, spec, delta), entry.model_version, "chain entry")
-                    changed |= self._adopt(model, entry.round)
+            try:
+                spec = ModelSpec.from_dict(header.spec)
+                for entry, delta in split_chain(header, body):
+                    if entry.round > self.held.round and entry.base_version == self.held.model.version():
+                        model = _checked(apply_patch(self.held.model, spec, delta), entry.model_version, "chain entry")
+                        changed |= self._adopt(model, entry.round)
+            except EdgeError:
+                self._chain = None
+                raise
         if self._pending is not None:
             header, body = self._pending
-            spec = ModelSpec.from_dict(header.spec)
             if self.held is not None and self.held.round >= header.round:
                 self._pending = None
             elif header.base_version is None or (
                 self.held is not None and header.base_version == self.held.model.version()
             ):
-                base = None if header.base_version is None else self.held.model if self.held else None
-                model = _checked(apply_patch(base, spec, body), header.model_version, "model patch")
                 self._pending = None
+                base = None if header.base_version is None else self.held.model if self.held else None
+                spec = ModelSpec.from_dict(header.spec)
+                model = _checked(apply_patch(base, spec, body), header.model_version, "model patch")
                 changed |= self._adopt(model, header.round)
         if not self.needs_sync:
             self._keyframe = self._chain = None
