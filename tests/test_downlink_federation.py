@@ -3,12 +3,17 @@ every round, and a device that joins late catches up from the retained keyframe 
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import time
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 
 from coordinator.broker import LocalBroker
+from edge_runtime.mqtt import BrokerSettings, Connection, connect
 from tests.harness import Federation, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -59,3 +64,38 @@ def test_devices_hold_the_announced_model_every_round_and_a_late_device_catches_
         assert fed.store.rejections(task) == []
     finally:
         fed.stop()
+
+
+def test_a_reconnect_does_not_download_the_retained_model_again_but_a_restarted_process_does(
+    broker: LocalBroker,
+) -> None:
+    topic = "fhai/v1/tasks/rt/model"
+    settings = BrokerSettings("127.0.0.1", broker.port)
+
+    def publish(payload: bytes, retain: bool) -> None:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="coord", protocol=mqtt.MQTTv5)
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+        client.disconnect()
+        client.loop_stop()
+
+    def received(conn: Connection, wait: float = 3.0) -> list[bytes]:
+        out = []
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                out.append(conn.inbox.get(timeout=0.1).payload)
+        return out
+
+    publish(b"model-1", retain=True)
+    conn = connect("fhai-edge-rt", settings, [topic])
+    assert received(conn) == [b"model-1"]
+    broker.restart()  # the device is cut off; its session (and subscription) survive in the broker's persistence
+    wait_for(lambda: conn.connected.wait(0.1), 30, "the reconnect")
+    publish(b"model-2", retain=True)
+    assert received(conn) == [b"model-2"]  # what was new, not the retained copy it already had
+    conn.close()
+    again = connect("fhai-edge-rt", settings, [topic])  # a restarted process lost what it knew: retained again
+    assert received(again) == [b"model-2"]
+    again.close()
