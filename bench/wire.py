@@ -204,7 +204,10 @@ def run_case(name: str, spec: Case, work: Path) -> dict[str, Any]:
     n_params = manager.model.params.size
     per = SITES * task.rounds
     pooled = {r.round: r.auroc for r in metric_rows(store.evaluations(task.task)) if r.site == POOLED}
+    logs = [(out / "devices" / site / "edge.log").read_text() for site in sites]
     result = {
+        "reconnects": sum(log.count(" connected to ") - 1 for log in logs),  # a reconnect re-sends nothing big now
+        "catch_ups": sum(log.count("catching up on the global model") for log in logs),
         "params": n_params,
         "rounds": task.rounds,
         "devices": SITES,
@@ -280,7 +283,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, no files")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks")
     args = parser.parse_args()
-    demo_rounds, big_rounds = (3, 2) if args.quick else (10, 5)
+    demo_rounds, big_rounds = (3, 2) if args.quick else (10, 10)
     cases = {
         "demo_8bit_down": case("demo8", demo_rounds, 8, []),
         "demo_float32_down": case("demo32", demo_rounds, 32, []),
