@@ -176,6 +176,11 @@ class EdgeAgent:
             will=(presence, json.dumps({"state": "offline"}).encode()),
             online=(presence, json.dumps({"state": "online", "profile": self.cfg.profile.profile}).encode()),
         )
+        # A catch-up subscription a previous process left in the persistent session would bring every
+        # republished keyframe and chain: drop them; this process subscribes again if it falls behind.
+        for topic in (wire.model_key_topic(task), wire.model_chain_topic(task)):
+            self.conn.unsubscribe(topic)
+        self.conn.unsubscribe(wire.artifact_full_topic(task, self.deployment.format))
         try:
             while not stop.is_set() and not self.finished.is_set():
                 try:
