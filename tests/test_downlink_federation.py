@@ -11,9 +11,18 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from coordinator.artifact_delivery import artifact_frames
 from coordinator.broker import LocalBroker
+from edge_runtime import wire
+from edge_runtime.agent import AgentConfig, EdgeAgent
+from edge_runtime.downlink import Held, ModelFollower
+from edge_runtime.keys import public_hex
+from edge_runtime.model import Model, ModelSpec, Standardizer
 from edge_runtime.mqtt import BrokerSettings, Connection, connect
+from edge_runtime.profile import DeviceProfile
+from edge_runtime.site_data import SourceConfig
 from tests.harness import Federation, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -99,3 +108,52 @@ def test_a_reconnect_does_not_download_the_retained_model_again_but_a_restarted_
     again = connect("fhai-edge-rt", settings, [topic])  # a restarted process lost what it knew: retained again
     assert received(again) == [b"model-2"]
     again.close()
+
+
+def test_a_device_rebuilds_the_export_of_a_model_it_holds_and_fetches_one_it_does_not(
+    tmp_path: Path, broker: LocalBroker, three_sites: dict[str, Path]
+) -> None:
+    """Over a real broker: a skeleton for the held model is filled in place; a skeleton for a model the device
+    never held makes it fetch the whole retained artifact, once."""
+    key = Ed25519PrivateKey.generate()
+    spec = ModelSpec(4, (8,), 2)
+    held, other = (Model.create(spec, seed, Standardizer.identity(4)) for seed in (1, 2))
+    fields = {"name": "rb", "feature_spec_hash": "h" * 16, "columns": list("abcd"), "units": [None] * 4}
+    cfg = AgentConfig(
+        device_id="dev-rb",
+        task="rb",
+        state_dir=tmp_path / "dev",
+        source=SourceConfig.parse(str(next(iter(three_sites.values())))),
+        profile=DeviceProfile(profile="onnx-device", inference_backend="onnxruntime"),
+        coordinator_key=public_hex(key),
+        broker=BrokerSettings("127.0.0.1", broker.port),
+    )
+    agent = EdgeAgent(cfg)
+    agent.follower = ModelFollower(Held(held, 2))
+    agent.conn = connect("fhai-edge-dev-rb", cfg.broker, [])
+
+    def signed(header: dict[str, object], body: bytes) -> bytes:
+        return wire.encode_frame("artifact", wire.COORDINATOR, header, body, key)
+
+    try:
+        # The export of the held model: rebuilt from its parameters, nothing fetched.
+        own = artifact_frames(held, ["onnx"], task="rb", round_no=2, reason="end", card_fields=fields)
+        assert [o.full for o in own] == [True, False]
+        agent.handle(wire.artifact_topic("rb", "onnx"), signed(own[1].header, own[1].body))
+        assert agent.deployment.predictor is not None
+        assert agent.deployment.predictor.card.model_version == held.version() and not agent._fetching_artifact
+        # The export of a model this device never held: it subscribes to the whole artifact, retained there.
+        theirs = artifact_frames(other, ["onnx"], task="rb", round_no=1, reason="improved", card_fields=fields)
+        publisher = connect("coordinator-rb", cfg.broker, [])
+        publisher.publish(wire.artifact_full_topic("rb", "onnx"), signed(theirs[0].header, theirs[0].body), retain=True)
+        publisher.close()
+        agent.handle(wire.artifact_topic("rb", "onnx"), signed(theirs[1].header, theirs[1].body))
+        assert agent._fetching_artifact
+        msg = agent.conn.inbox.get(timeout=20)
+        assert msg.topic == wire.artifact_full_topic("rb", "onnx")
+        agent.handle(msg.topic, msg.payload)
+        assert agent.deployment.predictor.card.model_version == other.version() and not agent._fetching_artifact
+        X = np.random.default_rng(0).normal(size=(20, 4))
+        np.testing.assert_allclose(agent.deployment.predictor.predict_proba(X), other.predict_proba(X), atol=1e-5)
+    finally:
+        agent.conn.close()
