@@ -22,7 +22,8 @@ from .client import FhirClient
 from .errors import FhirAdapterError, SourceError
 from .features import USED_TYPES, FeatureTable, build_feature_table
 from .featurespec import load_spec
-from .sources import BundleDirSource, FhirSearchSource, NdjsonDirSource, ResourceSource, search_params_for
+from .needs import needs_for
+from .sources import BundleDirSource, FhirSearchSource, NdjsonDirSource, ResourceSource
 
 app = typer.Typer(help="FH-AI FHIR adapters: connect to a hospital's FHIR R4 server and build feature tables.")
 console = Console()
@@ -134,7 +135,7 @@ def _source(
     assert url is not None
     client = _client(url, *client_args)
     client.capabilities()
-    return FhirSearchSource(client, params=search_params_for(spec)), client
+    return FhirSearchSource(client, needs=needs_for(spec)), client
 
 
 def _table(
