@@ -51,6 +51,7 @@ class MirrorStore:
             self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash loses at most the last commit
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):
+                self.conn.close()
                 raise MirrorError(
                     f"{self.path} was written by another version of FH-AI (schema {version})",
                     hint="delete the file: the next sync pulls the data again",
@@ -59,9 +60,12 @@ class MirrorStore:
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self.path.chmod(0o600)
         except sqlite3.DatabaseError as e:
+            if hasattr(self, "conn"):
+                self.conn.close()
             raise MirrorError(
                 f"cannot open the FHIR mirror {self.path}: {e}",
-                hint="check the disk and permissions; a corrupt file can be deleted (the next sync pulls again)",
+                hint="check the disk and permissions; if the file is damaged, delete the file: the next sync "
+                "pulls the data again",
             ) from e
 
     def close(self) -> None:
