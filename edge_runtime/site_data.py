@@ -31,7 +31,7 @@ class SourceConfig(BaseModel):
     token_file: str | None = None  # bearer token for the FHIR server, read from a file (mode 0600)
     ca_bundle: str | None = None
     page_size: int = Field(default=500, ge=1, le=1000)
-    bulk: Literal["auto", "never"] = "auto"  # first sync by Bulk $export when the server offers it
+    bulk: Literal["auto", "always", "never"] = "auto"  # first sync by Bulk $export (see SyncOptions.bulk)
 
     @classmethod
     def parse(cls, text: str, token_file: str | None = None, ca_bundle: str | None = None) -> SourceConfig:

@@ -299,7 +299,9 @@ def sync(
     spec: SpecArg,
     url: Annotated[str, typer.Option("--url", help="FHIR base URL")],
     mirror: Annotated[Path, typer.Option("--mirror", help="the mirror file (SQLite; created on the first sync)")],
-    bulk: Annotated[str, typer.Option("--bulk", help="auto: first sync by Bulk $export if offered; never")] = "auto",
+    bulk: Annotated[
+        str, typer.Option("--bulk", help="first sync by Bulk $export: auto (if offered and large), always, never")
+    ] = "auto",
     page_size: Annotated[int, typer.Option("--page-size", min=1, max=1000, help="_count of each page")] = 500,
     token: TokenOpt = None,
     smart_client_id: ClientIdOpt = None,
@@ -312,10 +314,10 @@ def sync(
 ) -> None:
     """Bring a local mirror of what SPEC needs up to date with the server (what changed, deletions included)."""
     with _errors(log_file):
-        if bulk not in ("auto", "never"):
-            raise SourceError(f"unknown --bulk {bulk!r}", hint="use auto or never")
+        if bulk not in ("auto", "always", "never"):
+            raise SourceError(f"unknown --bulk {bulk!r}", hint="use auto, always or never")
         needs = needs_for(load_spec(spec))
-        options = SyncOptions(page_size=page_size, bulk="auto" if bulk == "auto" else "never")
+        options = SyncOptions(page_size=page_size, bulk=bulk)  # type: ignore[arg-type]
         client = _client(url, token, smart_client_id, smart_key, smart_alg, smart_scope, ca_bundle, timeout)
         with client, MirrorStore(mirror) as store, _sync_progress() as on_progress:
             report = MirrorSync(client, store, needs, options, on_progress).run()

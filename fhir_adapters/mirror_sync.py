@@ -5,9 +5,10 @@
 
 One run, for each resource type the spec needs (needs.TypeNeed):
 
-1. **First sync by Bulk $export** when the mirror is empty and the CapabilityStatement offers $export:
-   `_type` = the needed types, `_typeFilter` = their searches; each line is checked locally as well (a server
-   may ignore _typeFilter) and stored as sent. The state starts at the export's transactionTime.
+1. **First sync by Bulk $export** when the mirror is empty, the CapabilityStatement offers $export and the
+   first sync is large (SyncOptions.bulk): `_type` = the needed types, `_typeFilter` = their searches; each
+   line is checked locally as well (a server may ignore _typeFilter) and stored as sent. The state starts
+   at the export's transactionTime.
 2. **What changed**: a keyset search by _lastUpdated from the type's cursor (listing.ChangeListing: no
    record updated mid-pass can be skipped). A type's first pass lists whole resources; later passes list
    ids and versions only (`_elements=id,meta`) and fetch (`_id=...`) just the versions the mirror lacks, so
@@ -54,7 +55,12 @@ class SyncOptions:
     page_size: int = 500  # _count of listings and history pages
     fetch_chunk: int = 100  # ids per `_id=` search (about 4 KB of URL with 36-character ids)
     overlap: timedelta = timedelta(seconds=10)  # how long a server may take to commit a stamped record
-    bulk: Literal["auto", "never"] = "auto"  # first sync by Bulk $export when the server offers it
+    # First sync by Bulk $export: "always" when the server offers it; "auto" when it offers it and the
+    # first sync is large (bulk_min_resources matches, counted with _summary=count): an export costs a
+    # kick-off and polling, and servers may evaluate _typeFilter slowly (SEKMET: about 60x a search, see
+    # docs/fhir.md), so a small first sync is quicker by search; "never".
+    bulk: Literal["auto", "always", "never"] = "auto"
+    bulk_min_resources: int = 100_000
 
 
 @dataclass
@@ -118,7 +124,7 @@ class MirrorSync:
                 state = None
             states[rtype] = state
         level = export_level(cs)
-        if self.opt.bulk == "auto" and level is not None and all(s is None for s in states.values()):
+        if level is not None and all(s is None for s in states.values()) and self._bulk_pays():
             try:
                 states.update(self._bulk(level, report))
                 report.bulk = True
@@ -140,6 +146,19 @@ class MirrorSync:
         return report
 
     # ---------------- first sync by Bulk $export ----------------
+
+    def _bulk_pays(self) -> bool:
+        if self.opt.bulk != "auto":
+            return self.opt.bulk == "always"
+        size = 0
+        for need in self.needs.values():
+            for params in need.search_params():
+                total = self.client.get_json(need.resource_type, [*params, ("_summary", "count")]).get("total")
+                if not isinstance(total, int):
+                    return True  # no count: assume it is large
+                size += total
+        log.info("first sync: %d resources match the spec's searches (Bulk from %d)", size, self.opt.bulk_min_resources)
+        return size >= self.opt.bulk_min_resources
 
     def _bulk(self, level: Literal["system", "patient"], report: SyncReport) -> dict[str, TypeState]:
         bulk = BulkExportClient(self.client, on_progress=lambda p: self._progress("*", f"export {p}", 0, None))

@@ -94,7 +94,7 @@ def test_source_errors_are_clear(tmp_path: Path) -> None:
 def test_sync_then_preview_from_the_mirror(synth_server: SekmetServer, tmp_path: Path) -> None:
     mirror = tmp_path / "mirror.sqlite3"
     args = ["sync", SPEC, "--url", synth_server.base_url, "--token", synth_server.token or ""]
-    args += ["--mirror", str(mirror), "--page-size", "200", "--log-file", str(tmp_path / "l")]
+    args += ["--mirror", str(mirror), "--page-size", "200", "--bulk", "always", "--log-file", str(tmp_path / "l")]
     r = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     assert "first sync by Bulk $export" in r.output and "Observation" in r.output

@@ -83,7 +83,7 @@ def put(client: FhirClient, res: dict[str, Any]) -> None:
     client.send("PUT", f"{res['resourceType']}/{res['id']}", json=res)
 
 
-@pytest.mark.parametrize("bulk", ["never", "auto"])
+@pytest.mark.parametrize("bulk", ["never", "always"])
 def test_first_sync_pulls_only_what_the_spec_needs(
     tmp_path: Path, client: FhirClient, hospital: Hospital, synth_spec: FeatureSpec, bulk: str
 ) -> None:
@@ -99,7 +99,7 @@ def test_first_sync_pulls_only_what_the_spec_needs(
     put(client, extra)
     path = tmp_path / "mirror.sqlite3"
     report = sync(client, path, synth_spec, SyncOptions(bulk=bulk, page_size=40))  # type: ignore[arg-type]
-    assert report.bulk == (bulk == "auto")  # SEKMET offers $export
+    assert report.bulk == (bulk == "always")  # SEKMET offers $export
     assert ("Observation", "not-needed") not in mirror_rows(path)
     on_server = sum(1 for _ in client.search("Observation", count=1000))
     assert report.types["Observation"].rows == len(
@@ -224,7 +224,7 @@ def test_an_unchanged_resync_reads_no_observation_bodies(
     tmp_path: Path, client: FhirClient, synth_spec: FeatureSpec
 ) -> None:
     path = tmp_path / "mirror.sqlite3"
-    sync(client, path, synth_spec, SyncOptions(page_size=40))  # first sync by Bulk $export
+    sync(client, path, synth_spec, SyncOptions(page_size=40, bulk="always"))  # first sync by Bulk $export
     sync(client, path, synth_spec)  # the pass that covers what changed while exporting
     bodies: list[str] = []
 
@@ -269,3 +269,13 @@ def test_a_spec_that_needs_more_pulls_the_type_again(
     assert report.types["Observation"].written > 0 and report.types["Patient"].written == 0
     assert sum(1 for t, _ in mirror_rows(path) if t == "Observation") > n_narrow
     assert_converged(client, path, synth_spec)
+
+
+def test_auto_takes_bulk_only_for_a_large_first_sync(
+    tmp_path: Path, client: FhirClient, synth_spec: FeatureSpec
+) -> None:
+    small = sync(client, tmp_path / "a.sqlite3", synth_spec, SyncOptions(bulk="auto"))
+    assert not small.bulk  # a few hundred resources: quicker by search
+    large = sync(client, tmp_path / "b.sqlite3", synth_spec, SyncOptions(bulk="auto", bulk_min_resources=100))
+    assert large.bulk and large.types["Observation"].via == "bulk"
+    assert mirror_rows(tmp_path / "a.sqlite3") == mirror_rows(tmp_path / "b.sqlite3")
