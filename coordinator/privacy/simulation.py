@@ -44,6 +44,7 @@ def run_secure_sum(
     drop_during_unmask: Iterable[str] = (),
     tamper: Callable[[str, str, bytes], bytes] | None = None,
     ctx: crypto.RoundContext | None = None,
+    signing_keys: Mapping[str, Ed25519PrivateKey] | None = None,
 ) -> SimulatedRound:
     """One secure sum of `inputs` (device -> uint32 ring vector) with dropouts at the named stages.
 
@@ -54,7 +55,7 @@ def run_secure_sum(
     length = len(next(iter(inputs.values())))
     ctx = ctx or crypto.RoundContext("task", 1, os.urandom(crypto.ROUND_NONCE_BYTES))
     plan = plan or graph.choose_graph(len(names))
-    keys = {n: Ed25519PrivateKey.generate() for n in names}
+    keys = dict(signing_keys) if signing_keys else {n: Ed25519PrivateKey.generate() for n in names}
     coordinator_key = Ed25519PrivateKey.generate()
     server = SecureSumServer(
         ctx, {n: k.public_key() for n, k in keys.items()}, coordinator_key, ring_bits, length, plan, os.urandom(32)

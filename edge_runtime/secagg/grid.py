@@ -53,7 +53,7 @@ def levels_for(bits: int) -> int:
 def ring_bits_for(cohort: int, levels: int, noise_bound: int = 0) -> int:
     """Least k with cohort·levels + noise_bound <= 2^(k-1) - 1: the cohort's sum cannot wrap in Z_{2^k}."""
     span = cohort * levels + noise_bound
-    return (span + 1).bit_length() + 1  # 2^(k-1) > span  <=>  k-1 >= bit_length(span)
+    return span.bit_length() + 1  # 2^(k-1) > span  <=>  k-1 >= bit_length(span)
 
 
 @dataclass(frozen=True)
