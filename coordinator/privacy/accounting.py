@@ -11,6 +11,7 @@ differ in one device's whole contribution.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -61,8 +62,8 @@ class RoundEvent:
 def epsilon_of(events: list[RoundEvent], delta: float) -> float:
     """Epsilon at `delta` of the composition of `events` (RDP accountant, dp-accounting's default orders)."""
     accountant = RdpAccountant()
-    for event in events:
-        accountant.compose(event.dp_event())
+    for event, count in Counter(events).items():  # rounds repeat their settings: compose each kind once
+        accountant.compose(event.dp_event(), count)
     return float(accountant.get_epsilon(delta))
 
 

@@ -15,7 +15,8 @@ rotation seed). A device then:
 No-wrap bound (the reason for k). Every device's integer coordinate lies in [-L, L], so the cohort's sum
 of at most n devices lies in [-nL, nL]. The ring Z_{2^k}, read as the centred interval
 [-2^(k-1), 2^(k-1) - 1], holds it exactly when nL <= 2^(k-1) - 1; `ring_bits_for` takes the least such
-k. With DP noise the ring also holds `noise_bound` (a sub-Gaussian tail bound on the summed noise,
+k, and the grid adds `guard_bits` (1) on top: then at least half the ring lies beyond any honest sum,
+so an input off the grid (garbage) lands there in about half its coordinates and is caught. With DP noise the ring also holds `noise_bound` (a sub-Gaussian tail bound on the summed noise,
 exceeded with probability <= 2^-40 per round, see noise.py). `test_grid.py` checks the bound at its
 edge: n devices all at +L (and all at -L) decode exactly; one more level wraps.
 
@@ -67,6 +68,7 @@ class GridSpec:
     rotation_seed: bytes  # 32 public random bytes, fresh each round
     coord_bound: float = DEFAULT_COORD_BOUND
     noise_bound: int = 0  # integer range reserved for the summed DP noise
+    guard_bits: int = 1  # ring bits beyond the no-wrap bound, so an off-grid input shows (grid.out_of_range)
 
     def __post_init__(self) -> None:
         problems = []
@@ -82,8 +84,8 @@ class GridSpec:
             problems.append("rotation_seed must be 32 bytes")
         if not (math.isfinite(self.coord_bound) and self.coord_bound >= 1):
             problems.append(f"coord_bound {self.coord_bound} must be >= 1")
-        if self.noise_bound < 0:
-            problems.append("noise_bound must be >= 0")
+        if self.noise_bound < 0 or not 0 <= self.guard_bits <= 8:
+            problems.append("noise_bound must be >= 0 and guard_bits 0..8")
         if not problems and self.ring_bits > MAX_RING_BITS:
             problems.append(
                 f"the cohort's sum needs {self.ring_bits} bits (> {MAX_RING_BITS}): lower bits or the cohort size"
@@ -106,7 +108,7 @@ class GridSpec:
 
     @property
     def ring_bits(self) -> int:
-        return ring_bits_for(self.cohort, self.levels, self.noise_bound)
+        return ring_bits_for(self.cohort, self.levels, self.noise_bound) + self.guard_bits
 
     @property
     def modulus(self) -> int:
@@ -127,6 +129,7 @@ class GridSpec:
                 rotation_seed=bytes(data["rotation_seed"]),
                 coord_bound=float(data.get("coord_bound", DEFAULT_COORD_BOUND)),
                 noise_bound=int(data.get("noise_bound", 0)),
+                guard_bits=int(data.get("guard_bits", 1)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PrivacyError("FHAI-V601", f"grid announcement is malformed ({exc})") from exc
