@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 
+import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
 from scipy import stats
 
-import dp_accounting
 from coordinator.aggregation import build_strategy, clipped
 from coordinator.aggregation.dp import DPAccumulator, DPFedAvg
 from coordinator.aggregation.fedavg import FedAvg
@@ -148,7 +148,14 @@ def test_dp_mean_is_unweighted_clipped_and_noised_by_the_formula() -> None:
 def test_adaptive_clip_tracks_the_target_quantile_and_survives_restart() -> None:
     rng = np.random.default_rng(4)
     strategy = build_strategy(
-        {"name": "dp", "noise_multiplier": 1.0, "clip": "adaptive", "initial_clip": 0.01, "count_stddev": 2.0, "seed": 5}
+        {
+            "name": "dp",
+            "noise_multiplier": 1.0,
+            "clip": "adaptive",
+            "initial_clip": 0.01,
+            "count_stddev": 2.0,
+            "seed": 5,
+        }
     )
     assert isinstance(strategy, DPFedAvg)
     norms_target = []
@@ -171,7 +178,9 @@ def test_adaptive_clip_tracks_the_target_quantile_and_survives_restart() -> None
 
 def test_dp_refuses_robust_inner_and_snapshot_round_trips() -> None:
     with pytest.raises(Exception, match="A002"):
-        build_strategy({"name": "dp", "noise_multiplier": 1.0, "clip": 1.0, "inner": "coordinate_median"}).new_accumulator(5)
+        build_strategy(
+            {"name": "dp", "noise_multiplier": 1.0, "clip": 1.0, "inner": "coordinate_median"}
+        ).new_accumulator(5)
     strategy = build_strategy({"name": "dp", "noise_multiplier": 1.0, "clip": 1.0, "seed": 1})
     acc = strategy.new_accumulator(5)
     acc.add(np.ones(5, np.float32) * 3, 1.0)

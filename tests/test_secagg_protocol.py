@@ -119,7 +119,9 @@ def test_false_revealed_share_is_found_and_the_sum_still_exact() -> None:
         if stage != "unmask" or device != liar:
             return data
         msg = UnmaskResponse.decode(data)
-        bad = tuple(RevealedShare(s.owner, (int.from_bytes(s.value, "big") ^ 1).to_bytes(66, "big")) for s in msg.seed_shares)
+        bad = tuple(
+            RevealedShare(s.owner, (int.from_bytes(s.value, "big") ^ 1).to_bytes(66, "big")) for s in msg.seed_shares
+        )
         return sign(dataclasses.replace(msg, seed_shares=bad), keys[liar]).encode()
 
     run = run_secure_sum(inputs, ring_bits, tamper=tamper, signing_keys=keys)
@@ -139,8 +141,13 @@ class Round:
         self.keys = {n: Ed25519PrivateKey.generate() for n in self.names}
         self.coord_key = Ed25519PrivateKey.generate()
         self.server = SecureSumServer(
-            self.ctx, {n: k.public_key() for n, k in self.keys.items()}, self.coord_key, 10, 16,
-            graph.GraphPlan(3, 2, complete=True), os.urandom(32),
+            self.ctx,
+            {n: k.public_key() for n, k in self.keys.items()},
+            self.coord_key,
+            10,
+            16,
+            graph.GraphPlan(3, 2, complete=True),
+            os.urandom(32),
         )
         self.clients = {n: SecAggClient(self.ctx, n, self.keys[n], self.coord_key.public_key()) for n in self.names}
         for n in self.names:
@@ -157,7 +164,9 @@ def test_forged_share_is_refused_by_its_recipient() -> None:
     delivery = r.deliveries["d0"]
     first = delivery.shares[0]
     flipped = bytes([first.ciphertext[0] ^ 1]) + first.ciphertext[1:]
-    forged = dataclasses.replace(delivery, shares=(SealedShare(first.sender, "d0", first.nonce, flipped), *delivery.shares[1:]))
+    forged = dataclasses.replace(
+        delivery, shares=(SealedShare(first.sender, "d0", first.nonce, flipped), *delivery.shares[1:])
+    )
     with pytest.raises(ProtocolError, match="V604") as info:
         r.clients["d0"].masked_input(sign(forged, r.coord_key), np.zeros(16, np.uint32), 10)
     assert info.value.culprit == first.sender
@@ -175,7 +184,9 @@ def test_share_from_another_round_is_refused() -> None:
     delivery = r.deliveries["d0"]
     replaced = tuple(old if s.sender == "d1" else s for s in delivery.shares)
     with pytest.raises(ProtocolError, match="V604"):
-        r.clients["d0"].masked_input(sign(dataclasses.replace(delivery, shares=replaced), r.coord_key), np.zeros(16, np.uint32), 10)
+        r.clients["d0"].masked_input(
+            sign(dataclasses.replace(delivery, shares=replaced), r.coord_key), np.zeros(16, np.uint32), 10
+        )
 
 
 def test_replayed_masked_input_and_wrong_round_messages_are_refused() -> None:
@@ -185,7 +196,9 @@ def test_replayed_masked_input_and_wrong_round_messages_are_refused() -> None:
     with pytest.raises(ProtocolError, match="V604"):
         r.server.receive_masked(MaskedInput.decode(replay.encode()))
     # The old message's round number rewritten to 7: its signature no longer verifies.
-    rewritten = MaskedInput(dataclasses.replace(replay.ctx, round=7, nonce=r.ctx.nonce), "d2", 10, 16, replay.packed, replay.signature)
+    rewritten = MaskedInput(
+        dataclasses.replace(replay.ctx, round=7, nonce=r.ctx.nonce), "d2", 10, 16, replay.packed, replay.signature
+    )
     with pytest.raises(ProtocolError, match="V604"):
         r.server.receive_masked(rewritten)
     # A share message of another task is refused too.

@@ -99,7 +99,13 @@ class DPAccumulator(UpdateAccumulator):
         self._check_open()
         inner = np.frombuffer(self.inner.snapshot(), dtype=np.uint8)
         return encode_state(
-            {"kind": self.kind, "n_params": self.n_params, "n_clipped": self.n_clipped, "clip": self.clip, "inner": inner}
+            {
+                "kind": self.kind,
+                "n_params": self.n_params,
+                "n_clipped": self.n_clipped,
+                "clip": self.clip,
+                "inner": inner,
+            }
         )
 
     def restore(self, blob: bytes) -> None:
@@ -129,8 +135,8 @@ class DPFedAvg(Strategy):
         super().__init__(config)
         self.inner = inner
         self._rng = np.random.default_rng(self.config.seed)
-        adaptive = self.config.clip == "adaptive"
-        self.clip_norm = self.config.initial_clip if adaptive else float(self.config.clip)  # type: ignore[arg-type]
+        clip = self.config.clip
+        self.clip_norm = self.config.initial_clip if clip == "adaptive" else float(clip)
 
     @property
     def adaptive(self) -> bool:
@@ -164,7 +170,9 @@ class DPFedAvg(Strategy):
                 "FHAI-A002", f"strategy 'dp' needs a mean-based inner strategy, not {self.inner.name!r}"
             )
         # The update's share of the noise is fixed before the round; the count noise uses the same n later.
-        return DPAccumulator(MeanAccumulator(n_params, "uniform"), self.clip_norm, self.config.noise_multiplier, self._rng)
+        return DPAccumulator(
+            MeanAccumulator(n_params, "uniform"), self.clip_norm, self.config.noise_multiplier, self._rng
+        )
 
     def aggregate(self, global_params: np.ndarray, accumulator: UpdateAccumulator) -> np.ndarray:
         return self.aggregate_measured(global_params, accumulator)[0]
@@ -173,7 +181,9 @@ class DPFedAvg(Strategy):
         self, global_params: np.ndarray, accumulator: UpdateAccumulator
     ) -> tuple[np.ndarray, dict[str, float]]:
         if not isinstance(accumulator, DPAccumulator):
-            raise AggregationError("FHAI-A008", "a dp strategy aggregates only accumulators made by its new_accumulator")
+            raise AggregationError(
+                "FHAI-A008", "a dp strategy aggregates only accumulators made by its new_accumulator"
+            )
         self._check_round(global_params, accumulator)
         if self.adaptive:
             accumulator.update_noise = self.update_noise(accumulator.count)

@@ -21,7 +21,8 @@ from coordinator.aggregation.median import CoordinateMedian
 from coordinator.aggregation.trimmed_mean import TrimmedMean
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad, CoordinateMedian, TrimmedMean, Clipped, DPFedAvg)
+    cls.name: cls
+    for cls in (FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad, CoordinateMedian, TrimmedMean, Clipped, DPFedAvg)
 }
 
 

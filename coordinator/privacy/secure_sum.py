@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from itertools import islice
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -41,6 +40,7 @@ from edge_runtime.secagg.messages import (
 )
 
 MAX_REBUILD_ATTEMPTS = 64  # random threshold-subsets tried to route around false shares
+Check = Callable[[bytes], bool]  # whether a rebuilt 32-byte secret is the owner's
 
 
 @dataclass
@@ -119,9 +119,7 @@ class SecureSumServer:
         self._points = {name: i + 1 for i, name in enumerate(names)}
         self._neighbours = graph.neighbours(names, self.graph_seed, self.plan.degree)
         entries = tuple(
-            RosterEntry(
-                n, bytes.fromhex(public_hex(self.cohort[n])), a.enc_pk, a.mask_pk, a.signature
-            )
+            RosterEntry(n, bytes.fromhex(public_hex(self.cohort[n])), a.enc_pk, a.mask_pk, a.signature)
             for n, a in ((n, self._adverts[n]) for n in names)
         )
         self._stage = "share"
@@ -149,8 +147,11 @@ class SecureSumServer:
         out: dict[str, ShareDelivery] = {}
         for recipient in sorted(self._shares):
             sealed = tuple(
-                s for sender in self._neighbours[recipient] if sender in self._shares
-                for s in self._shares[sender].shares if s.recipient == recipient
+                s
+                for sender in self._neighbours[recipient]
+                if sender in self._shares
+                for s in self._shares[sender].shares
+                if s.recipient == recipient
             )
             out[recipient] = sign(ShareDelivery(self.ctx, self.name, recipient, sealed), self._key)
         self._stage = "mask"
@@ -222,20 +223,10 @@ class SecureSumServer:
         culprits: dict[str, str] = {}
         total = self._sum.copy()
         for owner in survivors:
-            commitment = self._shares[owner].commitment
-            seed = self._rebuild(
-                owner, self._revealed_seeds.get(owner, []),
-                lambda s, o=owner, c=commitment: crypto.seed_commitment(s, self.ctx, o) == c,  # type: ignore[misc]
-                culprits,
-            )
+            seed = self._rebuild(owner, self._revealed_seeds.get(owner, []), self._seed_check(owner), culprits)
             total -= self_mask(seed, self.ctx, owner, self.length)
         for owner in dropped:
-            mask_pk = self._adverts[owner].mask_pk
-            raw = self._rebuild(
-                owner, self._revealed_keys.get(owner, []),
-                lambda s, pk=mask_pk: crypto.public_bytes(X25519PrivateKey.from_private_bytes(s)) == pk,  # type: ignore[misc]
-                culprits,
-            )
+            raw = self._rebuild(owner, self._revealed_keys.get(owner, []), self._key_check(owner), culprits)
             mask_sk = X25519PrivateKey.from_private_bytes(raw)
             for neighbour in self.masked_with(owner):
                 if neighbour in self._masked:  # its input carries its mask for the pair (neighbour, owner)
@@ -247,7 +238,17 @@ class SecureSumServer:
         self._stage = "done"
         return SecureSumResult(total, tuple(survivors), tuple(dropped), culprits)
 
-    def _rebuild(self, owner: str, shares: list[tuple[str, int]], check, culprits: dict[str, str]) -> bytes:  # type: ignore[no-untyped-def]
+    def _seed_check(self, owner: str) -> Check:
+        """A rebuilt self-mask seed is right when it matches the owner's signed commitment."""
+        commitment = self._shares[owner].commitment
+        return lambda seed: crypto.seed_commitment(seed, self.ctx, owner) == commitment
+
+    def _key_check(self, owner: str) -> Check:
+        """A rebuilt mask key is right when its public half is the one the owner advertised."""
+        mask_pk = self._adverts[owner].mask_pk
+        return lambda raw: crypto.public_bytes(X25519PrivateKey.from_private_bytes(raw)) == mask_pk
+
+    def _rebuild(self, owner: str, shares: list[tuple[str, int]], check: Check, culprits: dict[str, str]) -> bytes:
         """The owner's 32-byte secret from revealed shares; false shares are routed around and reported."""
         t = self.plan.threshold
         points = [(self._points[holder], value) for holder, value in shares]
@@ -262,8 +263,8 @@ class SecureSumServer:
             return secret
         # Some share among the first t is false: find a subset that rebuilds a secret passing the check.
         rng = random.Random(hashlib.sha256(owner.encode()).digest())
-        subsets = (rng.sample(points, t) for _ in range(MAX_REBUILD_ATTEMPTS))
-        for subset in islice(subsets, MAX_REBUILD_ATTEMPTS):
+        for _ in range(MAX_REBUILD_ATTEMPTS):
+            subset = rng.sample(points, t)
             secret = self._try(subset, check)
             if secret is not None:
                 holders = {self._points[h]: h for h, _ in shares}
@@ -278,7 +279,7 @@ class SecureSumServer:
         )
 
     @staticmethod
-    def _try(points: list[tuple[int, int]], check) -> bytes | None:  # type: ignore[no-untyped-def]
+    def _try(points: list[tuple[int, int]], check: Check) -> bytes | None:
         value = shamir.lagrange_at(points, 0)
         if value >> (8 * shamir.SECRET_BYTES):
             return None

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,14 +25,29 @@ from edge_runtime.secagg.messages import (
     UnmaskResponse,
 )
 
+Tamper = Callable[[str, str, bytes], bytes]
+
 
 @dataclass
 class SimulatedRound:
     result: SecureSumResult
     sent_bytes: dict[str, int]  # device -> bytes it sent over the four rounds
     received_bytes: dict[str, int]  # device -> bytes the coordinator sent it
-    coordinator_seconds: float  # time spent in the coordinator's state machine (decode + verify + sum + unmask)
+    coordinator_seconds: float = 0.0  # in the coordinator's state machine (decode, verify, sum, unmask)
     device_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def run(self, who: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[who] = self.seconds.get(who, 0.0) + time.perf_counter() - t0
 
 
 def run_secure_sum(
@@ -42,7 +58,7 @@ def run_secure_sum(
     drop_before_shares: Iterable[str] = (),
     drop_after_shares: Iterable[str] = (),
     drop_during_unmask: Iterable[str] = (),
-    tamper: Callable[[str, str, bytes], bytes] | None = None,
+    tamper: Tamper | None = None,
     ctx: crypto.RoundContext | None = None,
     signing_keys: Mapping[str, Ed25519PrivateKey] | None = None,
 ) -> SimulatedRound:
@@ -61,60 +77,56 @@ def run_secure_sum(
         ctx, {n: k.public_key() for n, k in keys.items()}, coordinator_key, ring_bits, length, plan, os.urandom(32)
     )
     clients = {n: SecAggClient(ctx, n, keys[n], coordinator_key.public_key()) for n in names}
-    sent = dict.fromkeys(names, 0)
-    received = dict.fromkeys(names, 0)
-    device_seconds = dict.fromkeys(names, 0.0)
-    server_seconds = 0.0
-    tamper = tamper or (lambda stage, device, data: data)
+    run = SimulatedRound(
+        SecureSumResult(np.zeros(0, np.uint32), (), ()), dict.fromkeys(names, 0), dict.fromkeys(names, 0)
+    )
+    clock = _Clock()
+    edit: Tamper = tamper or (lambda stage, device, data: data)
+    coordinator = "coordinator"
 
-    def device(n: str, step: Callable[[], bytes]) -> bytes:
-        t0 = time.perf_counter()
-        data = step()
-        device_seconds[n] += time.perf_counter() - t0
-        sent[n] += len(data)
-        return data
-
-    def coordinator(step: Callable[[], object]) -> object:
-        nonlocal server_seconds
-        t0 = time.perf_counter()
-        out = step()
-        server_seconds += time.perf_counter() - t0
-        return out
+    def send(stage: str, device: str, data: bytes) -> bytes:
+        run.sent_bytes[device] += len(data)
+        return edit(stage, device, data)
 
     before, after, during = set(drop_before_shares), set(drop_after_shares), set(drop_during_unmask)
     for n in names:
-        data = tamper("advertise", n, device(n, lambda n=n: clients[n].advertise().encode()))
-        coordinator(lambda d=data: server.receive_advertise(AdvertiseKeys.decode(d)))
-    roster = coordinator(lambda: server.roster().encode())
-    assert isinstance(roster, bytes)
+        with clock.run(n):
+            data = send("advertise", n, clients[n].advertise().encode())
+        with clock.run(coordinator):
+            server.receive_advertise(AdvertiseKeys.decode(data))
+    with clock.run(coordinator):
+        roster = server.roster().encode()
     for n in names:
-        received[n] += len(roster)
+        run.received_bytes[n] += len(roster)
         if n in before:
             continue
-        data = tamper("share", n, device(n, lambda n=n: clients[n].share_keys(Roster.decode(roster)).encode()))
-        coordinator(lambda d=data: server.receive_shares(ShareKeys.decode(d)))
-    deliveries = coordinator(lambda: {k: v.encode() for k, v in server.deliveries().items()})
-    assert isinstance(deliveries, dict)
+        with clock.run(n):
+            data = send("share", n, clients[n].share_keys(Roster.decode(roster)).encode())
+        with clock.run(coordinator):
+            server.receive_shares(ShareKeys.decode(data))
+    with clock.run(coordinator):
+        deliveries = {k: v.encode() for k, v in server.deliveries().items()}
     for n, delivery in deliveries.items():
-        received[n] += len(delivery)
+        run.received_bytes[n] += len(delivery)
         if n in after:
             continue
-        data = tamper(
-            "mask",
-            n,
-            device(
-                n, lambda n=n, d=delivery: clients[n].masked_input(ShareDelivery.decode(d), inputs[n], ring_bits).encode()
-            ),
-        )
-        coordinator(lambda d=data: server.receive_masked(MaskedInput.decode(d)))
-    request = coordinator(lambda: server.unmask_request().encode())
-    assert isinstance(request, bytes)
+        with clock.run(n):
+            masked = clients[n].masked_input(ShareDelivery.decode(delivery), inputs[n], ring_bits)
+            data = send("mask", n, masked.encode())
+        with clock.run(coordinator):
+            server.receive_masked(MaskedInput.decode(data))
+    with clock.run(coordinator):
+        request = server.unmask_request().encode()
     for n in UnmaskRequest.decode(request).survivors:
-        received[n] += len(request)
+        run.received_bytes[n] += len(request)
         if n in during:
             continue
-        data = tamper("unmask", n, device(n, lambda n=n: clients[n].unmask(UnmaskRequest.decode(request)).encode()))
-        coordinator(lambda d=data: server.receive_unmask(UnmaskResponse.decode(d)))
-    result = coordinator(server.finish)
-    assert isinstance(result, SecureSumResult)
-    return SimulatedRound(result, sent, received, server_seconds, device_seconds)
+        with clock.run(n):
+            data = send("unmask", n, clients[n].unmask(UnmaskRequest.decode(request)).encode())
+        with clock.run(coordinator):
+            server.receive_unmask(UnmaskResponse.decode(data))
+    with clock.run(coordinator):
+        run.result = server.finish()
+    run.coordinator_seconds = clock.seconds.pop(coordinator)
+    run.device_seconds = clock.seconds
+    return run

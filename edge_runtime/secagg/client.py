@@ -125,7 +125,9 @@ class SecAggClient:
         roster.verify(self._coordinator_key, self.ctx, self._coordinator)
         names = [e.device for e in roster.entries]
         if self.device not in names:
-            raise ProtocolError("FHAI-V605", f"the roster does not list {self.device}: it was not admitted to the round")
+            raise ProtocolError(
+                "FHAI-V605", f"the roster does not list {self.device}: it was not admitted to the round"
+            )
         points = {name: i + 1 for i, name in enumerate(sorted(names))}
         by_name = {e.device: e for e in roster.entries}
         mine = by_name[self.device]
@@ -133,7 +135,9 @@ class SecAggClient:
             raise ProtocolError("FHAI-V604", "the roster carries other keys for this device than it advertised")
         neighbour_names = graph.neighbours(names, roster.graph_seed, roster.degree)[self.device]
         if not roster.threshold <= len(neighbour_names):
-            raise ProtocolError("FHAI-V606", f"threshold {roster.threshold} exceeds the {len(neighbour_names)} neighbours")
+            raise ProtocolError(
+                "FHAI-V606", f"threshold {roster.threshold} exceeds the {len(neighbour_names)} neighbours"
+            )
         for name in neighbour_names:
             entry = by_name[name]
             entry.advertisement(self.ctx).verify(Ed25519PublicKey.from_public_bytes(entry.signing_pk), self.ctx)
@@ -180,13 +184,19 @@ class SecAggClient:
         _, enc_pk, _ = self._neighbours[sealed.sender]
         key = crypto.agree(self._enc_sk, enc_pk, SHARE_KEY, self.ctx, self.device, sealed.sender)
         plain = crypto.open_sealed(
-            key, sealed.nonce, sealed.ciphertext, crypto.aad(self.ctx, SHARE_AAD, sealed.sender, self.device), sealed.sender
+            key,
+            sealed.nonce,
+            sealed.ciphertext,
+            crypto.aad(self.ctx, SHARE_AAD, sealed.sender, self.device),
+            sealed.sender,
         )
         try:
             seed_share, key_share = msgpack.unpackb(plain, raw=False)
             return ReceivedShare(shamir.share_from_bytes(seed_share), shamir.share_from_bytes(key_share))
         except (ValueError, TypeError) as exc:
-            raise ProtocolError("FHAI-V607", f"the share from {sealed.sender} is malformed inside", sealed.sender) from exc
+            raise ProtocolError(
+                "FHAI-V607", f"the share from {sealed.sender} is malformed inside", sealed.sender
+            ) from exc
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         """Reveal seed shares of survivors and key shares of dropped neighbours, never both for one device."""
@@ -204,7 +214,8 @@ class SecAggClient:
             for n in sorted(survivors & self._masked_with)
         )
         keys = tuple(
-            RevealedShare(n, shamir.share_to_bytes(self._received[n].key_share)) for n in sorted(dropped & self._masked_with)
+            RevealedShare(n, shamir.share_to_bytes(self._received[n].key_share))
+            for n in sorted(dropped & self._masked_with)
         )
         self._stage = "done"
         return sign(UnmaskResponse(self.ctx, self.device, seeds, keys), self._signing_key)

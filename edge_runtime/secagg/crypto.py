@@ -75,9 +75,9 @@ def expand(key: bytes, n: int) -> np.ndarray:
     """n uint32 words of ChaCha20 keystream (the PRG of masks), generated in one call."""
     encryptor = Cipher(algorithms.ChaCha20(key, b"\x00" * 16), mode=None).encryptor()
     out = np.empty(n, dtype=np.uint32)
-    view = memoryview(out).cast("B")
-    view[:] = b"\x00" * (4 * n)
-    encryptor.update_into(view, view)  # type: ignore[arg-type]
+    view = out.data.cast("B")
+    view[:] = bytes(4 * n)
+    encryptor.update_into(view, view)  # keystream XOR zeros, written in place
     return out
 
 

@@ -137,7 +137,9 @@ class GridSpec:
 
 def rotation_signs(seed: bytes, size: int) -> np.ndarray:
     """The rotation's public random ±1 diagonal, from the round's seed (SHAKE-256, so any runtime agrees)."""
-    bits = np.unpackbits(np.frombuffer(hashlib.shake_256(b"fhai grid signs v1" + seed).digest((size + 7) // 8), np.uint8))
+    bits = np.unpackbits(
+        np.frombuffer(hashlib.shake_256(b"fhai grid signs v1" + seed).digest((size + 7) // 8), np.uint8)
+    )
     return 1.0 - 2.0 * bits[:size].astype(np.float64)
 
 
