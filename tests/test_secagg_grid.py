@@ -27,6 +27,22 @@ def test_hadamard_matches_scipy_and_rotation_is_orthonormal() -> None:
     assert np.allclose(grid.unrotate(r, spec), v)
 
 
+def test_pieces_keep_padding_small_and_rotation_orthonormal() -> None:
+    assert grid.padded_size(33_153) == 33_280 and grid.pieces(33_280) == (32_768, 512)
+    assert grid.pieces(grid.padded_size(1 << 20)) == (1 << 20,)
+    assert grid.padded_size(100) == 128 and grid.pieces(128) == (128,)
+    spec = GridSpec(33_153, 1.0, 8, 10, SEED)
+    v = np.random.default_rng(2).standard_normal(33_153)
+    r = grid.rotate(v, spec)
+    assert np.isclose(np.linalg.norm(r), np.linalg.norm(v)) and np.allclose(grid.unrotate(r, spec), v)
+    # A spike in the small tail piece is not clipped: that piece has its own, coarser grid.
+    spike = np.zeros(33_153)
+    spike[-1] = 1.0
+    q = grid.quantize(spike, spec, np.random.default_rng(3))
+    assert q.coords_clipped == 0
+    assert np.linalg.norm(grid.decode_sum(q.values, spec) - spike) < 0.05
+
+
 def test_rotation_flattens_a_spiky_vector() -> None:
     spec = GridSpec(4096, 1.0, 8, 10, SEED)
     spike = np.zeros(4096)

@@ -23,8 +23,8 @@ def decode_secure_sum(residues: np.ndarray, spec: GridSpec, contributors: int) -
     Masks cancel exactly, so an honest round's integers lie within contributors·L + noise_bound; a
     coordinate beyond proves that some device sent values off the grid. That is detected here, not
     attributed (the inputs are hidden): the round's sum is refused. A device that stays on the grid
-    but sends ±L everywhere moves the sum by an L2 norm of at most L·step·sqrt(D) = c·C (c times the
-    clip norm): bounded, reported as `max_device_influence` next to the sum's norm.
+    but sends ±L everywhere moves the sum by an L2 norm of at most L·sqrt(sum of step^2), about
+    c·C·sqrt(pieces) (a few times the clip norm): bounded, reported as `max_device_influence`.
     """
     centred = grid.from_ring(residues, spec.ring_bits)
     off = grid.out_of_range(centred, spec, contributors)
@@ -38,7 +38,7 @@ def decode_secure_sum(residues: np.ndarray, spec: GridSpec, contributors: int) -
     return total, {
         "contributors": float(contributors),
         "sum_norm": float(np.linalg.norm(total)),
-        "max_device_influence": spec.levels * spec.step * np.sqrt(spec.padded),
+        "max_device_influence": grid.max_influence(spec),
     }
 
 

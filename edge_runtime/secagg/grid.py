@@ -4,12 +4,14 @@ Per round the coordinator announces a `GridSpec` (clip norm C, per-device level 
 rotation seed). A device then:
 
 1. clips its float update to L2 norm C;
-2. pads it to D = the next power of two and applies the seeded randomized Walsh-Hadamard rotation
-   R = H·diag(signs)/sqrt(D) (orthonormal), which spreads the norm evenly over the coordinates: each
-   rotated coordinate of a norm-C vector is about N(0, C^2/D) (Kairouz et al. 2021, DDGauss);
-3. scales by 1/step with step = c·C/(sqrt(D)·L), L = 2^(b-1) - 1, clips each coordinate to [-L, L]
-   (a coordinate beyond c standard deviations: rare, counted) and rounds stochastically to an integer
-   (unbiased);
+2. pads it to D (a multiple of 256) and applies the seeded randomized Walsh-Hadamard rotation
+   R = H·diag(signs)/sqrt(B) to each power-of-two piece B of D's binary expansion (33,153 parameters
+   -> 32,768 + 512: padding to one power of two would cost up to 2x the bytes). R is orthonormal and
+   spreads a piece's norm evenly over its coordinates: a rotated coordinate of a norm-C piece is
+   about N(0, C^2/B) (Kairouz et al. 2021, DDGauss);
+3. scales piece B by 1/step_B with step_B = c·C/(sqrt(B)·L), L = 2^(b-1) - 1 (a small piece gets a
+   coarser grid, so even an update concentrated in it is not clipped), clips each coordinate to
+   [-L, L] (one beyond c standard deviations: rare, counted) and rounds stochastically (unbiased);
 4. optionally adds its share of integer DP noise (noise.py) and reduces mod 2^k.
 
 No-wrap bound (the reason for k). Every device's integer coordinate lies in [-L, L], so the cohort's sum
@@ -41,9 +43,19 @@ MAX_LEVEL_BITS = 24
 DEFAULT_COORD_BOUND = 5.0  # c: rotated coordinates beyond c·C/sqrt(D) are clipped (P ~ 6e-7 each)
 
 
+MIN_PIECE = 256  # smallest rotation piece: at most log2(D/256) + 1 pieces
+
+
 def padded_size(n_params: int) -> int:
-    """D: the power of two the Walsh-Hadamard transform needs (at least n_params)."""
-    return 1 << max(0, int(n_params - 1).bit_length())
+    """D: n_params rounded up to a multiple of MIN_PIECE (to a power of two below it)."""
+    if n_params <= MIN_PIECE:
+        return 1 << max(0, int(n_params - 1).bit_length())
+    return -(-n_params // MIN_PIECE) * MIN_PIECE
+
+
+def pieces(padded: int) -> tuple[int, ...]:
+    """The powers of two of D's binary expansion, largest first: each is rotated on its own."""
+    return tuple(1 << b for b in range(padded.bit_length() - 1, -1, -1) if padded >> b & 1)
 
 
 def levels_for(bits: int) -> int:
@@ -102,9 +114,21 @@ class GridSpec:
         return levels_for(self.bits)
 
     @property
+    def pieces(self) -> tuple[int, ...]:
+        return pieces(self.padded)
+
+    def piece_step(self, size: int) -> float:
+        """Grid step of a rotated piece of `size` coordinates: c·C/sqrt(size) spans L levels."""
+        return self.coord_bound * self.clip_norm / (math.sqrt(size) * self.levels)
+
+    @property
     def step(self) -> float:
-        """Grid step in rotated float units: c·C/sqrt(D) spans L levels."""
-        return self.coord_bound * self.clip_norm / (math.sqrt(self.padded) * self.levels)
+        """The finest step (the largest piece's): what the sensitivity of a device's integers is counted in."""
+        return self.piece_step(self.pieces[0])
+
+    def steps(self) -> np.ndarray:
+        """Each rotated coordinate's grid step (float64, length D)."""
+        return np.concatenate([np.full(size, self.piece_step(size)) for size in self.pieces])
 
     @property
     def ring_bits(self) -> int:
@@ -158,15 +182,26 @@ def hadamard(x: np.ndarray) -> np.ndarray:
 
 
 def rotate(x: np.ndarray, spec: GridSpec) -> np.ndarray:
-    """R x = H·diag(signs)·pad(x) / sqrt(D): orthonormal, so norms are kept."""
+    """R x: per piece, H·diag(signs)·x_piece / sqrt(B), on the zero-padded vector. Orthonormal."""
     padded = np.zeros(spec.padded, dtype=np.float64)
     padded[: spec.n_params] = x
-    return hadamard(padded * rotation_signs(spec.rotation_seed, spec.padded)) / math.sqrt(spec.padded)
+    padded *= rotation_signs(spec.rotation_seed, spec.padded)
+    out = np.empty_like(padded)
+    start = 0
+    for size in spec.pieces:
+        out[start : start + size] = hadamard(padded[start : start + size]) / math.sqrt(size)
+        start += size
+    return out
 
 
 def unrotate(y: np.ndarray, spec: GridSpec) -> np.ndarray:
-    """R^-1 y = diag(signs)·H·y / sqrt(D), cut back to n_params (H·H = D·I)."""
-    x = hadamard(np.asarray(y, dtype=np.float64)) / math.sqrt(spec.padded)
+    """R^-1 y: per piece diag(signs)·H·y_piece / sqrt(B) (H·H = B·I), cut back to n_params."""
+    y = np.asarray(y, dtype=np.float64)
+    x = np.empty(spec.padded, dtype=np.float64)
+    start = 0
+    for size in spec.pieces:
+        x[start : start + size] = hadamard(y[start : start + size]) / math.sqrt(size)
+        start += size
     return (x * rotation_signs(spec.rotation_seed, spec.padded))[: spec.n_params]
 
 
@@ -195,7 +230,7 @@ def quantize(delta: np.ndarray, spec: GridSpec, rng: np.random.Generator) -> Qua
     if x.shape != (spec.n_params,):
         raise PrivacyError("FHAI-V602", f"update has shape {x.shape}, the grid is for ({spec.n_params},)")
     clipped, norm = clip_to_norm(x, spec.clip_norm)
-    scaled = rotate(clipped, spec) / spec.step
+    scaled = rotate(clipped, spec) / spec.steps()
     lim = float(spec.levels)
     coords_clipped = int(np.count_nonzero(np.abs(scaled) > lim))
     np.clip(scaled, -lim, lim, out=scaled)
@@ -227,13 +262,18 @@ def out_of_range(total: np.ndarray, spec: GridSpec, contributors: int) -> int:
 
 def decode_sum(total: np.ndarray, spec: GridSpec) -> np.ndarray:
     """The float64 sum of the devices' (clipped, quantized) updates from the summed centred integers."""
-    return unrotate(np.asarray(total, dtype=np.float64) * spec.step, spec)
+    return unrotate(np.asarray(total, dtype=np.float64) * spec.steps(), spec)
 
 
 def quantization_variance_bound(spec: GridSpec, contributors: int) -> float:
-    """Bound on E||decoded sum - sum of clipped updates||^2 from stochastic rounding: n·D·step^2/4.
+    """Bound on E||decoded sum - sum of clipped updates||^2 from stochastic rounding: n·sum_i step_i^2/4.
 
     Each rounded coordinate has variance frac·(1-frac)·step^2 <= step^2/4, independently; the rotation
     is orthonormal, so the squared error norm is the same before and after unrotating.
     """
-    return contributors * spec.padded * spec.step**2 / 4.0
+    return contributors * float(np.sum(spec.steps() ** 2)) / 4.0
+
+
+def max_influence(spec: GridSpec) -> float:
+    """Largest L2 norm one device on the grid can add to the decoded sum: L·sqrt(sum_i step_i^2)."""
+    return spec.levels * math.sqrt(float(np.sum(spec.steps() ** 2)))
