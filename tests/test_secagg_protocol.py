@@ -235,3 +235,26 @@ def test_malformed_messages_get_a_coded_error() -> None:
         ShareDelivery.decode(good)  # right bytes, wrong message type
     with pytest.raises(ProtocolError, match="V603"):
         MaskedInput.decode(MaskedInput(r.ctx, "d0", 10, 16, b"\x00" * 3, b"\x00" * 64).encode())  # wrong length
+
+
+def test_distributed_dp_round_sums_exactly_and_carries_the_planned_noise() -> None:
+    """Plan -> devices add their discrete-Gaussian shares -> secure sum: exact, noise std as planned."""
+    from coordinator.privacy.plan import plan_secure_round
+    from edge_runtime.secagg import noise
+
+    n, n_params = 12, 2000
+    plan = plan_secure_round(n_params, 1.0, 8, n, noise_multiplier=1.5)
+    spec = plan.grid
+    assert plan.event is not None and plan.event.kind == "zcdp" and plan.noise_sigma > 0
+    delta2 = noise.grid_sensitivity(1.0, spec.step, spec.padded)
+    assert plan.event.rho == pytest.approx(delta2**2 / (2 * plan.graph.threshold * plan.noise_sigma**2), rel=1e-9)
+    rng = np.random.default_rng(6)
+    zeros = np.zeros(n_params)
+    updates = {f"s{i:02d}": secure_update(zeros, spec, rng, plan.noise_sigma) for i in range(n)}
+    run = run_secure_sum({k: u.ring for k, u in updates.items()}, spec.ring_bits, plan=plan.graph)
+    centred = grid.from_ring(run.result.residues, spec.ring_bits)
+    assert (centred == sum(grid.from_ring(u.ring, spec.ring_bits) for u in updates.values())).all()
+    # all 12 survived: the summed noise has std sqrt(12)·sigma_dev >= z·Delta2 (sized for t survivors)
+    assert centred.std() == pytest.approx(np.sqrt(n) * plan.noise_sigma, rel=0.05)
+    assert np.sqrt(n) * plan.noise_sigma >= 1.5 * delta2
+    assert grid.out_of_range(centred, spec, n) == 0

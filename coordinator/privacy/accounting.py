@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
-
-import dp_accounting
-from dp_accounting.rdp import RdpAccountant
+from typing import TYPE_CHECKING, Any, Literal
 
 from edge_runtime.secagg.errors import PrivacyError
+
+if TYPE_CHECKING:
+    import dp_accounting
+
+# dp_accounting (with scipy, mpmath, dm-tree) is imported where it is used: the aggregation registry
+# imports this module, and a coordinator without DP tasks should not pay for it at start-up.
 
 EventKind = Literal["gaussian", "zcdp"]
 
@@ -33,6 +36,8 @@ class RoundEvent:
     rho: float = 0.0  # zcdp
 
     def dp_event(self) -> dp_accounting.DpEvent:
+        import dp_accounting
+
         if self.kind == "zcdp":
             return dp_accounting.ZCDpEvent(self.rho)
         gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
@@ -61,6 +66,8 @@ class RoundEvent:
 
 def epsilon_of(events: list[RoundEvent], delta: float) -> float:
     """Epsilon at `delta` of the composition of `events` (RDP accountant, dp-accounting's default orders)."""
+    from dp_accounting.rdp import RdpAccountant
+
     accountant = RdpAccountant()
     for event, count in Counter(events).items():  # rounds repeat their settings: compose each kind once
         accountant.compose(event.dp_event(), count)
@@ -104,6 +111,8 @@ def noise_multiplier_for(epsilon: float, delta: float, rounds: int, sampling_rat
     """The least Gaussian noise multiplier whose `rounds` releases stay within (epsilon, delta)."""
     if not (epsilon > 0 and 0 < delta < 1 and rounds >= 1 and 0 < sampling_rate <= 1):
         raise PrivacyError("FHAI-V609", "calibration needs epsilon > 0, 0 < delta < 1, rounds >= 1, 0 < rate <= 1")
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
 
     def event(z: float) -> dp_accounting.DpEvent:
         return dp_accounting.SelfComposedDpEvent(RoundEvent("gaussian", z, sampling_rate).dp_event(), rounds)

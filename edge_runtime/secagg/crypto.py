@@ -74,10 +74,9 @@ def agree(own: X25519PrivateKey, peer: bytes, purpose: bytes, ctx: RoundContext,
 def expand(key: bytes, n: int) -> np.ndarray:
     """n uint32 words of ChaCha20 keystream (the PRG of masks), generated in one call."""
     encryptor = Cipher(algorithms.ChaCha20(key, b"\x00" * 16), mode=None).encryptor()
-    out = np.empty(n, dtype=np.uint32)
+    out = np.zeros(n, dtype=np.uint32)
     view = out.data.cast("B")
-    view[:] = bytes(4 * n)
-    encryptor.update_into(view, view)  # keystream XOR zeros, written in place
+    encryptor.update_into(view, view)  # keystream XOR zeros, in place: no second buffer
     return out
 
 

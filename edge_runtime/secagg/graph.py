@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from edge_runtime.secagg.errors import PrivacyError
 
@@ -48,6 +47,8 @@ def choose_graph(
     eta: int = CORRECTNESS_BITS,
 ) -> GraphPlan:
     """The degree and threshold for n devices (see the module's docstring for the two conditions)."""
+    from scipy import stats  # the coordinator plans rounds; devices importing this module need not load scipy.stats
+
     if n < 2:
         raise PrivacyError("FHAI-V601", "secure aggregation needs at least 2 devices in the cohort")
     if not (0 <= corrupt_fraction < 1 and 0 <= dropout_fraction < 1 and corrupt_fraction + dropout_fraction < 1):
