@@ -258,3 +258,11 @@ def test_distributed_dp_round_sums_exactly_and_carries_the_planned_noise() -> No
     assert centred.std() == pytest.approx(np.sqrt(n) * plan.noise_sigma, rel=0.05)
     assert np.sqrt(n) * plan.noise_sigma >= 1.5 * delta2
     assert grid.out_of_range(centred, spec, n) == 0
+
+
+def test_too_many_dropouts_stop_the_round_before_unmasking() -> None:
+    inputs = _inputs(6, 8, 8, seed=7)
+    names = sorted(inputs)
+    with pytest.raises(ProtocolError, match="V606"):
+        # complete graph of 6 tolerates 30% = 2 dropouts (t = 3); 4 dropped leave 1 live neighbour
+        run_secure_sum(inputs, 8, drop_after_shares=names[:4])

@@ -185,10 +185,15 @@ class SecureSumServer:
         self._expect("mask", self.name)
         survivors = tuple(sorted(self._masked))
         dropped = tuple(sorted(set(self._shares) - set(self._masked)))
-        if len(survivors) <= self.plan.threshold and len(survivors) < len(self._shares):
-            raise ProtocolError(
-                "FHAI-V606", f"{len(survivors)} survivors cannot reveal threshold-{self.plan.threshold} shares"
-            )
+        alive = set(survivors)
+        for owner in self._shares:  # every secret to rebuild needs t live holders of its shares
+            holders = sum(1 for n in self.masked_with(owner) if n in alive)
+            if holders < self.plan.threshold:
+                raise ProtocolError(
+                    "FHAI-V606",
+                    f"only {holders} of {owner}'s neighbours survived, threshold {self.plan.threshold}: the round "
+                    "cannot be unmasked; repeat it (more devices dropped than the round was planned for)",
+                )
         self._stage = "unmask"
         self._request = sign(UnmaskRequest(self.ctx, self.name, survivors, dropped), self._key)
         return self._request

@@ -140,7 +140,11 @@ class SecAggClient:
             )
         for name in neighbour_names:
             entry = by_name[name]
-            entry.advertisement(self.ctx).verify(Ed25519PublicKey.from_public_bytes(entry.signing_pk), self.ctx)
+            try:
+                signer = Ed25519PublicKey.from_public_bytes(entry.signing_pk)
+            except ValueError as exc:
+                raise ProtocolError("FHAI-V603", f"{name}'s signing key in the roster is invalid", name) from exc
+            entry.advertisement(self.ctx).verify(signer, self.ctx)
             self._neighbours[name] = (points[name], entry.enc_pk, entry.mask_pk)
         xs = [self._neighbours[n][0] for n in neighbour_names]
         seed_values = shamir.split(shamir.secret_to_int(self._seed), roster.threshold, xs)
