@@ -185,3 +185,21 @@ def test_geometric_noise_has_the_two_sided_geometric_variance() -> None:
     assert abs(noised.mean()) < 0.02
     released, info = stats.private_histogram(np.arange(1000) % 3, 100, 10, 1.0, np.random.default_rng(7))
     assert released.shape == (10,) and info["bins"] == 10
+
+
+def test_two_pass_secure_moments_match_pooled_numpy() -> None:
+    """Decision 0010: pooled mean and variance from two secure sums of fixed-point integers."""
+    rng = np.random.default_rng(8)
+    sites = [rng.normal(loc, 3.0, (n, 4)) for loc, n in [(100.0, 50), (120.0, 80), (90.0, 30)]]
+    sites[1][3, 2] = np.nan  # a missing value is not counted
+    scale, bound = 1e-3, 1000.0
+    k = 32  # the sums fit: 160 rows x 1000 / 1e-3 = 1.6e8 < 2^31
+    first = [stats.first_pass(X, scale, bound) for X in sites]
+    counts = sum(c for c, _ in first)
+    sums = grid.from_ring(sum(grid.to_ring(s, k).astype(np.uint64) for _, s in first) % 2**k, k)
+    mean = sums * scale / counts
+    second = [stats.second_pass(X, mean, scale, bound) for X in sites]
+    m2 = grid.from_ring(sum(grid.to_ring(s, k).astype(np.uint64) for s in second) % 2**k, k) * scale
+    pooled = np.vstack(sites)
+    assert np.allclose(mean, np.nanmean(pooled, axis=0), atol=1e-4)
+    assert np.allclose(m2 / (counts - 1), np.nanvar(pooled, axis=0, ddof=1), rtol=1e-5)

@@ -42,6 +42,20 @@ def fixed_point(values: np.ndarray, scale: float, bound: float) -> np.ndarray:
     return np.rint(v / scale).astype(np.int64)
 
 
+def first_pass(X: np.ndarray, scale: float, bound: float) -> tuple[np.ndarray, np.ndarray]:
+    """Decision 0010, pass 1: per-column counts of finite values and fixed-point sums (each row clipped to ±bound)."""
+    finite = np.isfinite(X)
+    values = np.where(finite, np.clip(X, -bound, bound), 0.0)
+    return finite.sum(axis=0).astype(np.int64), fixed_point(values.sum(axis=0), scale, bound * len(X))
+
+
+def second_pass(X: np.ndarray, pooled_mean: np.ndarray, scale: float, bound: float) -> np.ndarray:
+    """Decision 0010, pass 2: fixed-point sums of squared deviations from the pooled mean (rows clipped)."""
+    finite = np.isfinite(X)
+    dev = np.where(finite, np.clip(X, -bound, bound) - pooled_mean, 0.0)
+    return fixed_point((dev * dev).sum(axis=0), scale, (2 * bound) ** 2 * len(X))
+
+
 def coarsen(histogram: np.ndarray, factor: int) -> np.ndarray:
     """Merge each `factor` adjacent bins into one (the last bin takes what is left)."""
     h = np.asarray(histogram)
