@@ -266,3 +266,26 @@ def test_too_many_dropouts_stop_the_round_before_unmasking() -> None:
     with pytest.raises(ProtocolError, match="V606"):
         # complete graph of 6 tolerates 30% = 2 dropouts (t = 3); 4 dropped leave 1 live neighbour
         run_secure_sum(inputs, 8, drop_after_shares=names[:4])
+
+
+def test_corrupted_messages_raise_only_coded_errors() -> None:
+    """Random byte flips and truncations of every message kind: decode + verify raise ProtocolError, nothing else."""
+    r = Round()
+    masked = r.clients["d0"].masked_input(r.deliveries["d0"], np.zeros(16, np.uint32), 10)
+    samples = [r.roster, r.shares["d1"], r.deliveries["d2"], masked]
+    rng = np.random.default_rng(9)
+    for msg in samples:
+        data = bytearray(msg.encode())
+        for _ in range(150):
+            bad = bytearray(data)
+            for pos in rng.integers(0, len(bad), rng.integers(1, 4)):
+                bad[pos] ^= int(rng.integers(1, 256))
+            cut = bytes(bad[: rng.integers(1, len(bad) + 1)]) if rng.random() < 0.3 else bytes(bad)
+            try:
+                decoded = type(msg).decode(cut)
+                decoded.verify(
+                    r.coord_key.public_key() if msg.sender == "coordinator" else r.keys[msg.sender].public_key(), r.ctx
+                )
+            except ProtocolError:
+                continue
+            assert decoded.signed_bytes() == msg.signed_bytes()  # only a flip outside the signed bytes can pass
