@@ -95,6 +95,14 @@ def test_secure_model_update_round_decodes_to_the_mean() -> None:
     err = np.linalg.norm(acc.result() - plain_mean)
     assert err**2 < 2 * grid.quantization_variance_bound(spec, len(survivors)) / len(survivors) ** 2
     assert measured["contributors"] == len(survivors)
+    # the strategy steps with the unmasked mean as with a plain round's accumulator
+    from coordinator.aggregation import FedAvg
+
+    params = np.ones(n_params, np.float32)
+    assert np.allclose(FedAvg().aggregate(params, acc), params + acc.result(), atol=1e-6)
+    restored = SecureSumAccumulator(n_params)
+    restored.restore(acc.snapshot())
+    assert np.array_equal(restored.result(), acc.result()) and restored.count == len(survivors)
 
 
 def test_garbage_input_is_detected_in_the_sum() -> None:
