@@ -150,6 +150,13 @@ def main() -> None:
         f"Target `auroc_eps3` >= `auroc_no_dp` - 0.03: {'met' if target else 'NOT met'} "
         f"({report['auroc_eps3']:.4f} vs {no_dp:.4f}).",
         "",
+        "Client-level DP protects a whole hospital's contribution. With 5 hospitals the noise on the sum "
+        "(std z·C) is divided by 5 only, so at any useful epsilon it swamps the mean update: the unit is too "
+        "coarse for a cross-silo federation of a few sites. Client-level DP needs hundreds of devices per round "
+        "(noise / n shrinks with n; McMahan et al. 2018 used thousands). For a few hospitals the meaningful unit "
+        "is the patient: per-example clipping in local training (DP-SGD at each site) with the noise summed "
+        "across sites under secure aggregation, accounted with the same ledger. Not built here.",
+        "",
     ]
     (DOCS / "privacy_auroc.md").write_text("\n".join(lines))
     print(f"wrote {DOCS / 'privacy_auroc.json'}")
