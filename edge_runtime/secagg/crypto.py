@@ -48,13 +48,6 @@ def private_bytes(key: X25519PrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
 
 
-def load_public(data: bytes, who: str) -> X25519PublicKey:
-    try:
-        return X25519PublicKey.from_public_bytes(data)
-    except ValueError as exc:
-        raise ProtocolError("FHAI-V603", f"{who}'s X25519 public key is not 32 bytes", who) from exc
-
-
 def hkdf(secret: bytes, purpose: bytes, ctx: RoundContext, *parts: str) -> bytes:
     """A 32-byte key for `purpose`, bound to the round context and the named parties."""
     info = msgpack.packb([purpose, ctx.encode(), *parts], use_bin_type=True)
