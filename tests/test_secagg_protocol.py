@@ -297,3 +297,31 @@ def test_corrupted_messages_raise_only_coded_errors() -> None:
             except ProtocolError:
                 continue
             assert decoded.signed_bytes() == msg.signed_bytes()  # only a flip outside the signed bytes can pass
+
+
+def test_a_restarted_coordinator_resumes_by_replaying_accepted_messages() -> None:
+    """Resume design: the store keeps each accepted message's bytes; a fresh server replays them and goes on.
+
+    Ed25519 signatures are deterministic, so the replayed roster, deliveries and request are the same bytes.
+    """
+    r = Round()
+    inputs = {n: np.arange(16, dtype=np.uint32) * (i + 1) for i, n in enumerate(r.names)}
+    masked = {n: r.clients[n].masked_input(r.deliveries[n], inputs[n], 10) for n in r.names}
+
+    fresh = SecureSumServer(
+        r.ctx, {n: k.public_key() for n, k in r.keys.items()}, r.coord_key, 10, 16, r.server.plan, r.server.graph_seed
+    )
+    for entry in r.roster.entries:  # the stored AdvertiseKeys, as the roster relays them with their signatures
+        fresh.receive_advertise(entry.advertisement(r.ctx))
+    assert fresh.roster().encode() == r.roster.encode()
+    for n in r.names:
+        fresh.receive_shares(ShareKeys.decode(r.shares[n].encode()))
+    assert {k: v.encode() for k, v in fresh.deliveries().items()} == {k: v.encode() for k, v in r.deliveries.items()}
+    for n in r.names[:3]:  # d3 drops after sharing
+        fresh.receive_masked(MaskedInput.decode(masked[n].encode()))
+    request = fresh.unmask_request()
+    for n in request.survivors:
+        fresh.receive_unmask(r.clients[n].unmask(request))
+    result = fresh.finish()
+    assert result.dropped == ("d3",)
+    assert (result.residues == _plain_sum(inputs, result.survivors, 10)).all()
