@@ -52,6 +52,11 @@ def test_graph_plan_meets_its_bounds() -> None:
     assert all(a in nbrs[b] for a in nbrs for b in nbrs[a])  # symmetric
     with pytest.raises(PrivacyError, match="V601"):
         graph.choose_graph(4, corrupt_fraction=0.5, dropout_fraction=0.4)
+    # Small cohorts: one device with the coordinator must never reach the threshold.
+    assert graph.choose_graph(5).threshold == 2 and graph.choose_graph(3, dropout_fraction=0.0).threshold == 2
+    for n, dropout in [(2, 0.0), (3, 0.3), (4, 0.3)]:
+        with pytest.raises(PrivacyError, match="V601"):
+            graph.choose_graph(n, dropout_fraction=dropout)
 
 
 @pytest.mark.parametrize("n, sparse", [(10, False), (40, True)])

@@ -13,8 +13,10 @@ a threshold t such that, over all n devices (union bound),
   - correctness: n · P[Binomial(k, delta) > k - t] <= 2^-eta  (every device keeps t live neighbours),
 the two tail conditions of the paper's Theorem 4.2 (sigma = 40, eta = 20 by default, as its tables use).
 Cohorts small enough that k would reach n - 1 use the complete graph (Bonawitz et al.), with t chosen
-deterministically: t > gamma·(n-1) colluders can never rebuild a secret, and up to delta·n dropouts
-leave every device t live neighbours. This is the semi-honest setting of our threat model; a malicious
+deterministically: t > gamma·(n-1) colluders, and at least 2, can never rebuild a secret (one device
+with the coordinator never can), and up to delta·n dropouts leave every device t live neighbours; a
+cohort too small for both (3 or 4 devices at 30% dropouts) is refused, so the task lowers its
+tolerated dropouts. This is the semi-honest setting of our threat model; a malicious
 coordinator would also need 2t > k + colluders and signed survivor lists (not done here).
 """
 
@@ -49,8 +51,10 @@ def choose_graph(
     """The degree and threshold for n devices (see the module's docstring for the two conditions)."""
     from scipy import stats  # the coordinator plans rounds; devices importing this module need not load scipy.stats
 
-    if n < 2:
-        raise PrivacyError("FHAI-V601", "secure aggregation needs at least 2 devices in the cohort")
+    if n < 3:
+        raise PrivacyError(
+            "FHAI-V601", "secure aggregation needs at least 3 devices: with 2, each learns the other's input from the sum"
+        )
     if not (0 <= corrupt_fraction < 1 and 0 <= dropout_fraction < 1 and corrupt_fraction + dropout_fraction < 1):
         raise PrivacyError("FHAI-V601", "corrupt and dropout fractions must be in [0, 1) and sum to less than 1")
     log_n = math.log2(n)
@@ -69,7 +73,8 @@ def choose_graph(
 def complete_plan(n: int, corrupt_fraction: float, dropout_fraction: float) -> GraphPlan:
     """Every device neighbours every other; t beats the colluders and survives the dropouts outright."""
     k = n - 1
-    t_min = math.floor(corrupt_fraction * k) + 1  # colluders among one's neighbours stay below t
+    # Colluders among one's neighbours stay below t, and never one device alone (with the coordinator).
+    t_min = max(2, math.floor(corrupt_fraction * k) + 1)
     t_max = k - math.ceil(dropout_fraction * n)  # a survivor's live neighbours after the worst dropouts
     if t_max < t_min:
         raise PrivacyError(
