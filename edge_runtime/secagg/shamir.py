@@ -1,4 +1,4 @@
-"""Shamir secret sharing over the prime field GF(2^521 - 1), for 32-byte secrets (see decision 0009).
+"""Shamir secret sharing over the prime field GF(2^521 - 1), for 32-byte secrets (see decision 0011).
 
 A secret s is the constant term of a random polynomial f of degree t - 1; share i is (i, f(i)) for
 i = 1..n. Any t shares give s back by Lagrange interpolation at 0; fewer leave every secret equally
