@@ -53,7 +53,8 @@ def choose_graph(
 
     if n < 3:
         raise PrivacyError(
-            "FHAI-V601", "secure aggregation needs at least 3 devices: with 2, each learns the other's input from the sum"
+            "FHAI-V601",
+            "secure aggregation needs at least 3 devices: with 2, each learns the other's input from the sum",
         )
     if not (0 <= corrupt_fraction < 1 and 0 <= dropout_fraction < 1 and corrupt_fraction + dropout_fraction < 1):
         raise PrivacyError("FHAI-V601", "corrupt and dropout fractions must be in [0, 1) and sum to less than 1")
