@@ -180,7 +180,7 @@ def main() -> None:
     lines += [
         "",
         f"Median saving over zstd at 1M parameters: rANS {best_rans:.1%}, trained dictionary {best_dict:.1%}; "
-        f"kept only at {MATTERS:.0%} or more (decision 0013). Machine: {figures['machine']}.",
+        f"kept only at {MATTERS:.0%} or more (decision 0015). Machine: {figures['machine']}.",
         "",
     ]
     (args.docs / "entropy.md").write_text("\n".join(lines))
