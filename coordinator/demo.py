@@ -26,6 +26,7 @@ from coordinator.rounds import RoundManager
 from coordinator.service import CoordinatorService
 from coordinator.store import Store
 from coordinator.task import TaskDefinition, load_task
+from edge_runtime import configs
 from edge_runtime.agent import LocalSplit, split_table
 from edge_runtime.console import console
 from edge_runtime.keys import load_or_create_signing_key, public_hex
@@ -38,7 +39,7 @@ from fhir_adapters.features import build_feature_table
 from fhir_adapters.sources import NdjsonDirSource
 from fhir_adapters.synthetic import generate_hospitals
 
-TASK_FILE = Path(__file__).resolve().parent.parent / "firmware_configs" / "tasks" / "synthetic_diabetes.yaml"
+TASK_FILE = configs.shipped("tasks", "synthetic_diabetes.yaml")
 DEVICE_PROFILE = "gateway"
 
 

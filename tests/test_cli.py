@@ -62,7 +62,7 @@ def test_edge_run_refuses_unknown_profiles_and_sources(tmp_path: Path) -> None:
     key = public_hex(load_or_create_signing_key(tmp_path / "c.key"))
     base = ["run", "--task", "t", "--device-id", "dev-1", "--coordinator-key", key, "--state-dir", str(tmp_path)]
     result = runner.invoke(edge_app, [*base, "--source", str(tmp_path), "--profile", "toaster"])
-    assert result.exit_code == 2 and "FHAI-P001" in result.output and "gateway" in result.output
+    assert result.exit_code == 2 and "FHAI-P401" in result.output and "gateway" in result.output
     result = runner.invoke(edge_app, [*base, "--source", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "FHAI-D001" in result.output
     result = runner.invoke(edge_app, [*base, "--source", str(tmp_path), "--broker", "no-port"])
