@@ -284,6 +284,27 @@ def demo(
     )
 
 
+@app.command()
+@friendly_errors
+def units(
+    out: Annotated[
+        Path | None, typer.Option(help="Write the units here (e.g. /etc/systemd/system), else print")
+    ] = None,
+) -> None:
+    """The systemd units of the broker and the coordinator (fhai-broker, fhai-coordinator@TASK), with this
+    install's paths filled in; the coordinator unit runs the enrollment service too (--enroll)."""
+    from edge_runtime.configs import render_unit, write_units
+
+    names = ["fhai-broker", "fhai-coordinator@"]
+    if out is None:
+        for name in names:
+            print(f"# --- {name}.service ---\n{render_unit(name)}", end="")
+        return
+    for path in write_units(names, out):
+        console.print(f"wrote {path}")
+    console.print("then: systemctl daemon-reload && systemctl enable --now fhai-broker fhai-coordinator@TASK")
+
+
 register_security_commands(app, DEFAULT_STORE, _open_store, Path("state/coordinator"))
 
 if __name__ == "__main__":

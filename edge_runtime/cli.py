@@ -189,6 +189,62 @@ def status(state_dir: StateDir = Path("state/edge")) -> None:
     )
 
 
+@app.command()
+def doctor(
+    source: Annotated[
+        str | None, typer.Option(help="FHIR R4 base URL (or data folder) this device reads; unchecked if omitted")
+    ] = None,
+    state_dir: StateDir = Path("state/edge"),
+    broker: Annotated[str | None, typer.Option(help="MQTT broker HOST:PORT (default: the enrolled one)")] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option(help="CA certificate of the broker (default: the enrolled one)")
+    ] = None,
+    token_file: Annotated[Path | None, typer.Option(help="File with the FHIR server's bearer token")] = None,
+    fhir_ca: Annotated[Path | None, typer.Option(help="CA bundle for the FHIR server")] = None,
+    warm: Annotated[bool, typer.Option(help="Compile the training kernels now if the cache is cold")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each server")] = 10.0,
+) -> None:
+    """Check this device: FHIR server and version, clock, broker and TLS, state folder, disk, Numba cache.
+
+    One line per check; exit code 1 if any check failed (warnings do not fail)."""
+    from edge_runtime.doctor import run_checks
+
+    enrolled = load_credentials(state_dir) if state_dir.exists() else None
+    settings = enrolled.broker if enrolled is not None else None
+    if broker is not None:
+        settings = broker_settings(
+            broker, tls_ca=tls_ca or (Path(settings.ca_file) if settings and settings.ca_file else None)
+        )
+    elif settings is not None and tls_ca is not None:
+        settings = replace(settings, ca_file=str(tls_ca))
+    checks = run_checks(source, state_dir, settings, token_file, fhir_ca, warm, timeout)
+    colour = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+    for c in checks:
+        if console.is_terminal:
+            console.print(f"[{colour[c.status]}]{c.line()}[/]", soft_wrap=True, highlight=False, markup=True)
+        else:
+            print(c.line(), flush=True)
+    if any(c.status == "fail" for c in checks):
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def units(
+    out: Annotated[
+        Path | None, typer.Option(help="Write the unit here (e.g. /etc/systemd/system), else print it")
+    ] = None,
+) -> None:
+    """The systemd unit of the edge runtime (fhai-edge@TASK.service), with this install's paths filled in."""
+    from edge_runtime.configs import render_unit, write_units
+
+    if out is None:
+        print(render_unit("fhai-edge@"), end="")
+        return
+    for path in write_units(["fhai-edge@"], out):
+        console.print(f"wrote {path}; then: systemctl daemon-reload && systemctl enable --now fhai-edge@TASK")
+
+
 register_enroll_command(app)
 
 if __name__ == "__main__":
