@@ -52,6 +52,7 @@ def enrollment_in_background(
     stop, ready = threading.Event(), threading.Event()
     with DynsecAdmin(settings) as admin:
         service = EnrollmentService(store, key, admin, settings, bootstrap_user=layout.username("bootstrap"))
+        service.sync_bootstrap()  # open the bootstrap window now if a token is live: "running" means usable
 
         def serve() -> None:
             try:
