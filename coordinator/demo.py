@@ -35,7 +35,7 @@ from edge_runtime.metrics import auroc
 from edge_runtime.model import Model, Standardizer
 from edge_runtime.mqtt import BrokerSettings
 from edge_runtime.profile import load_profile
-from edge_runtime.trainer import TrainConfig, train
+from edge_runtime.trainer import TrainConfig, train, warm_up
 from fhir_adapters.features import build_feature_table
 from fhir_adapters.sources import NdjsonDirSource
 from fhir_adapters.synthetic import generate_hospitals
@@ -108,6 +108,10 @@ def run_demo(
     console.print(
         f"generated {len(hospitals)} hospitals: " + ", ".join(f"{h.site_id} ({h.n_patients})" for h in hospitals)
     )
+
+    # Compile (or load) the training kernels here once, so the five edge processes load them from Numba's
+    # cache instead of each compiling them at the same time on a fresh checkout.
+    warm_up()
 
     local_broker = None
     if broker is None:
