@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ import pytest
 
 from coordinator.broker import LocalBroker
 from coordinator.progress import RoundView
+from tests.checkout import copy_checkout
 from tests.harness import Federation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,15 +108,7 @@ def test_not_selected_is_said_once_per_round(
 @pytest.mark.timeout(900)
 def test_demo_leaves_a_clean_checkout(tmp_path: Path) -> None:
     """`fhai-coordinator demo` in a fresh copy of the repository: its results go to runs/, git sees no change."""
-    clone = tmp_path / "clone"
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, check=True,
-    ).stdout.decode().split("\0")  # fmt: skip
-    for name in filter(None, listed):
-        if (ROOT / name).is_file():
-            (clone / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, clone / name)
+    clone = copy_checkout(tmp_path / "clone")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
     subprocess.run([*git, "init", "-q"], cwd=clone, check=True)
     subprocess.run([*git, "add", "-A"], cwd=clone, check=True)
