@@ -91,3 +91,9 @@ def test_devices_add_rejects_a_bad_key(tmp_path: Path) -> None:
         coordinator_app, ["devices", "add", "dev-1", "--public-key", "abcd", "--store", f"sqlite:///{tmp_path / 'db'}"]
     )
     assert result.exit_code == 2 and "FHAI-K003" in result.output
+
+
+def test_edge_run_without_enrollment_asks_for_it_or_the_flags(tmp_path: Path) -> None:
+    result = runner.invoke(edge_app, ["run", "--task", "t", "--source", str(tmp_path), "--state-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "enroll the device first" in result.output and "--device-id and --coordinator-key" in result.output
