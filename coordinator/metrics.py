@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from coordinator.errors import CoordinatorError
 from coordinator.rounds import RoundManager
 from coordinator.store import AcceptedUpdate, Rejection, Round
 
@@ -155,7 +156,12 @@ class CoordinatorMetrics:
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve /metrics on host:port (port 0: any free port); returns the port."""
-        self._server, self._thread = start_http_server(port, host, registry=self.registry)
+        try:
+            self._server, self._thread = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:
+            raise CoordinatorError(
+                "FHAI-O401", f"cannot serve metrics on {host}:{port} ({exc.strerror}): choose another --metrics-port"
+            ) from exc
         bound = int(self._server.server_address[1])
         log.info("Prometheus metrics on http://%s:%d/metrics", host, bound)
         return bound

@@ -9,6 +9,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from edge_runtime.errors import ConfigError
+
 log = logging.getLogger("fhai.edge")
 
 SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
@@ -52,7 +54,12 @@ class EdgeMetrics:
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve /metrics on host:port (port 0: any free port); returns the port."""
-        self._server, _ = start_http_server(port, host, registry=self.registry)
+        try:
+            self._server, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(
+                "FHAI-O402", f"cannot serve metrics on {host}:{port} ({exc.strerror}): choose another --metrics-port"
+            ) from exc
         bound = int(self._server.server_address[1])
         log.info("Prometheus metrics on http://%s:%d/metrics", host, bound)
         return bound

@@ -107,3 +107,24 @@ def test_coordinator_and_gateway_metrics_match_the_federation(
         rows = len(build_feature_table(NdjsonDirSource(three_sites[site]), spec).patient_ids)
         assert value(samples, "fhai_edge_rows", **labels) == rows
         assert value(samples, "fhai_edge_sync_seconds_count", **labels) >= 1
+
+
+def test_a_taken_metrics_port_is_one_clear_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edge_runtime.cli import app as edge_app
+    from edge_runtime.keys import load_or_create_signing_key, public_hex
+    from edge_runtime.monitoring import EdgeMetrics
+
+    taken = EdgeMetrics("d", "t")
+    port = taken.serve(0)
+    try:
+        key = public_hex(load_or_create_signing_key(tmp_path / "c.key"))
+        result = CliRunner().invoke(
+            edge_app,
+            ["run", "--task", "t", "--device-id", "d", "--coordinator-key", key, "--source", str(tmp_path),
+             "--state-dir", str(tmp_path / "s"), "--metrics-port", str(port)],
+        )  # fmt: skip
+    finally:
+        taken.close()
+    assert result.exit_code == 2 and "FHAI-O402" in result.output and "--metrics-port" in result.output
