@@ -34,10 +34,16 @@ def test_wheel_installs_a_working_gateway(tmp_path: Path, broker: LocalBroker, t
     assert re.fullmatch(r"[0-9a-f]{64}", key)
     unit = gateway.run("fhai-edge", "units")  # the unit ships as package data, with this install's paths
     assert unit.returncode == 0 and f"ExecStart={gateway.bin}/fhai-edge run" in unit.stdout
+    # As an operator would after installing: compile the kernels once, before the first round has a deadline.
+    doctor = gateway.run("fhai-edge", "doctor", "--warm", "--state-dir", str(state), timeout=900)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert re.search(r"^OK +numba +kernels compiled in .*/site-packages/edge_runtime/__pycache__", doctor.stdout, re.M)
 
     # One training round with the installed runtime; the coordinator runs from the development tree.
     site, folder = next(iter(three_sites.items()))
-    fed = Federation(tmp_path / "fed", broker, {site: folder}, "installed", rounds=1, min_updates=1)
+    fed = Federation(
+        tmp_path / "fed", broker, {site: folder}, "installed", rounds=1, min_updates=1, round_deadline_s=300
+    )
     fed.store.add_device(site, key, site)  # the key `fhai-edge init` made in the installed environment
     try:
         fed.start_coordinator_thread(timeout_s=600)
