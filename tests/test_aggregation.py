@@ -447,7 +447,8 @@ def test_restore_needs_a_fresh_accumulator_of_the_same_kind(tmp_path: Path) -> N
 
 def test_every_registered_strategy_builds_from_its_spec(tmp_path: Path) -> None:
     for name, cls in STRATEGIES.items():
-        spec = {"name": name, "max_norm": 3.0} if name == "clipped" else {"name": name}
+        required = {"clipped": {"max_norm": 3.0}, "dp": {"noise_multiplier": 1.0, "clip": 1.0}}
+        spec = {"name": name, **required.get(name, {})}
         strategy = build_strategy(spec)
         assert type(strategy) is cls and strategy.name == name
         assert build_strategy(strategy.to_spec()).to_spec() == strategy.to_spec()
