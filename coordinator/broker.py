@@ -12,9 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.errors import CoordinatorError
+from edge_runtime import configs
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "firmware_configs" / "broker"
 MAX_PACKET_BYTES = 64 * 1024 * 1024
+
+
+def broker_template(name: str) -> str:
+    """A Mosquitto config template (broker/NAME.conf) from the config folders or the package."""
+    return configs.find("broker", name, ".conf").read_text()
 
 
 def free_port() -> int:
@@ -47,7 +52,7 @@ class LocalBroker:
     def start(self, timeout_s: float = 10.0) -> LocalBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "data").mkdir(exist_ok=True)
-        template = (CONFIG_DIR / "mosquitto-dev.conf").read_text()
+        template = broker_template("mosquitto-dev")
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             template.format(

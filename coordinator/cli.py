@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.live import Live
 from rich.table import Table
 
 from coordinator.security_cli import DEFAULT_BROKER_DIR, register_security_commands, revoke_broker_account
@@ -39,48 +42,85 @@ def key(work_dir: WorkDir = Path("state/coordinator")) -> None:
 @app.command()
 @friendly_errors
 def run(
-    task_file: Annotated[Path, typer.Argument(help="Task YAML (see firmware_configs/tasks/)")],
+    task_file: Annotated[
+        str, typer.Argument(help="Task YAML file, or a task name from the config folders or the package")
+    ],
     store: Store = DEFAULT_STORE,
     work_dir: WorkDir = Path("state/coordinator"),
-    broker: Annotated[str, typer.Option(help="MQTT broker HOST:PORT")] = "127.0.0.1:1883",
+    broker: Annotated[
+        str | None, typer.Option(help="MQTT broker HOST:PORT (default: the --broker-dir's, else 127.0.0.1:1883)")
+    ] = None,
+    broker_dir: Annotated[
+        Path | None,
+        typer.Option(help="Broker folder from `fhai-coordinator init`: connect with its coordinator account"),
+    ] = None,
+    plain: Annotated[bool, typer.Option(help="With --broker-dir: use its loopback plain listener")] = False,
+    enroll: Annotated[
+        bool, typer.Option(help="Also answer enrollment requests (needs --broker-dir), as `enroll-service` does")
+    ] = False,
     username: Annotated[str | None, typer.Option(help="MQTT username")] = None,
     password_file: Annotated[Path | None, typer.Option(help="File with the MQTT password")] = None,
     tls_ca: Annotated[Path | None, typer.Option(help="CA certificate: connect with TLS")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port (0: any free port)")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address the metrics endpoint binds to")] = "127.0.0.1",
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of the metrics per round here")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
-    """Run (or resume) the task in TASK_FILE until its last round is committed."""
+    """Run (or resume) TASK until its last round is committed.
+
+    On a terminal a status line shows the round, who has answered, who is missing and the time left;
+    otherwise (a service, a pipe) the same goes out as plain log lines as it happens.
+    """
+    from coordinator.progress import ProgressReporter
     from coordinator.report import metric_rows, plot_rounds, rounds_table
     from coordinator.service import CoordinatorService
     from coordinator.task import load_task
     from edge_runtime.keys import load_or_create_signing_key
 
-    setup_logging(work_dir / "coordinator.log", verbose)
+    setup_logging(work_dir / "coordinator.log", verbose, progress=("fhai.coordinator", "fhai.enrollment"))
     task = load_task(task_file)
+    if enroll and broker_dir is None:
+        raise typer.BadParameter("--enroll needs --broker-dir (the enrollment service manages broker accounts)")
+    if broker_dir is not None:
+        from coordinator.security import BrokerDir
+
+        settings = BrokerDir.load(broker_dir).settings("coordinator", plain=plain)
+        if broker is not None:
+            host, port = parse_broker(broker)
+            settings = replace(settings, host=host, port=port)
+    else:
+        settings = broker_settings(broker or "127.0.0.1:1883", username, password_file, tls_ca)
     db = _open_store(store)
-    settings = broker_settings(broker, username, password_file, tls_ca)
-    service = CoordinatorService(db, task, load_or_create_signing_key(work_dir / "coordinator.key"), settings, work_dir)
-    with Live(console=console, refresh_per_second=4) as live:
-        status = service.run(on_tick=lambda m: live.update(status_line(m.status(), task.rounds)))
+    key = load_or_create_signing_key(work_dir / "coordinator.key")
+    service = CoordinatorService(db, task, key, settings, work_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # systemd's stop: finish the tick, close cleanly
+    with contextlib.ExitStack() as running:
+        if metrics_port is not None:
+            from coordinator.metrics import CoordinatorMetrics
+
+            service.metrics = CoordinatorMetrics(service.manager)
+            running.callback(service.metrics.close)
+            service.metrics.serve(metrics_port, metrics_host)
+        if enroll:
+            from coordinator.security_cli import enrollment_in_background
+
+            assert broker_dir is not None
+            running.enter_context(enrollment_in_background(broker_dir, db, key, plain))
+        with ProgressReporter(console) as progress:
+            status = service.run(stop, on_tick=progress)
     rows = metric_rows(db.evaluations(task.task))
     console.print(rounds_table(rows))
     if plot is not None:
         console.print(f"plot: {plot_rounds(rows, plot, task.task)}")
+    if stop.is_set() and status not in ("done", "failed"):
+        console.print(f"task {task.task} stopped in state {status}; run the same command to resume")
+        return
     if status != "done":
         console.print(f"[bold red]task {task.task} ended as {status}[/]: see {work_dir / 'coordinator.log'}")
         raise typer.Exit(1)
-
-
-def status_line(s: dict[str, object], rounds: int) -> Table:
-    grid = Table.grid(padding=(0, 2))
-    grid.add_row(
-        f"[bold]{s['task']}[/]",
-        f"round {s['round']}/{rounds} ({s['phase']}, {s['status']})",
-        f"updates {s['accepted']}/{s['cohort']}",
-        f"online {s['online']}",
-        f"model {s['model_version']}",
-    )
-    return grid
 
 
 @app.command()
@@ -219,24 +259,50 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the synthetic hospitals")] = 7,
     exports: Annotated[bool, typer.Option(help="Export and push ONNX/TFLite models after each round")] = True,
     broker: Annotated[str | None, typer.Option(help="Use this MQTT broker HOST:PORT instead of starting one")] = None,
-    out: Annotated[Path, typer.Option(help="Working folder (wiped first)")] = Path("runs/demo"),
-    docs: Annotated[Path, typer.Option(help="Where the figures and plots go")] = Path("docs/benchmarks"),
+    out: Annotated[Path, typer.Option(help="Working folder (wiped first); the figures and plot end up here")] = Path(
+        "runs/demo"
+    ),
+    write_docs: Annotated[
+        bool, typer.Option(help="Also write the figures to docs/benchmarks/ (tracked files: for a release)")
+    ] = False,
 ) -> None:
     """Five synthetic non-IID hospitals, five edge processes, one coordinator, a real Mosquitto."""
     from coordinator.demo import run_demo
 
     if bits not in (4, 8, 32):
         raise typer.BadParameter("--bits must be 4, 8 or 32")
-    setup_logging(out.parent / f"{out.name}.log")
+    # On a terminal the progress bar says it all; elsewhere the coordinator's steps are plain log lines.
+    setup_logging(out.parent / f"{out.name}.log", progress=() if console.is_terminal else ("fhai.coordinator",))
     run_demo(
         out,
         rounds=rounds,
         bits=bits,
         seed=seed,
         broker=parse_broker(broker) if broker else None,
-        docs=docs,
+        docs=Path("docs/benchmarks") if write_docs else None,
         exports=exports,
     )
+
+
+@app.command()
+@friendly_errors
+def units(
+    out: Annotated[
+        Path | None, typer.Option(help="Write the units here (e.g. /etc/systemd/system), else print")
+    ] = None,
+) -> None:
+    """The systemd units of the broker and the coordinator (fhai-broker, fhai-coordinator@TASK), with this
+    install's paths filled in; the coordinator unit runs the enrollment service too (--enroll)."""
+    from edge_runtime.configs import render_unit, write_units
+
+    names = ["fhai-broker", "fhai-coordinator@"]
+    if out is None:
+        for name in names:
+            print(f"# --- {name}.service ---\n{render_unit(name)}", end="")
+        return
+    for path in write_units(names, out):
+        console.print(f"wrote {path}")
+    console.print("then: systemctl daemon-reload && systemctl enable --now fhai-broker fhai-coordinator@TASK")
 
 
 register_security_commands(app, DEFAULT_STORE, _open_store, Path("state/coordinator"))

@@ -21,11 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from coordinator.broker import LocalBroker, free_port
+from coordinator.progress import ProgressReporter, round_view
 from coordinator.report import MetricRow, metric_rows, plot_rounds, rounds_table, sites_table
 from coordinator.rounds import RoundManager
 from coordinator.service import CoordinatorService
 from coordinator.store import Store
 from coordinator.task import TaskDefinition, load_task
+from edge_runtime import configs
 from edge_runtime.agent import LocalSplit, split_table
 from edge_runtime.console import console
 from edge_runtime.keys import load_or_create_signing_key, public_hex
@@ -33,12 +35,12 @@ from edge_runtime.metrics import auroc
 from edge_runtime.model import Model, Standardizer
 from edge_runtime.mqtt import BrokerSettings
 from edge_runtime.profile import load_profile
-from edge_runtime.trainer import TrainConfig, train
+from edge_runtime.trainer import TrainConfig, train, warm_up
 from fhir_adapters.features import build_feature_table
 from fhir_adapters.sources import NdjsonDirSource
 from fhir_adapters.synthetic import generate_hospitals
 
-TASK_FILE = Path(__file__).resolve().parent.parent / "firmware_configs" / "tasks" / "synthetic_diabetes.yaml"
+TASK_FILE = configs.shipped("tasks", "synthetic_diabetes.yaml")
 DEVICE_PROFILE = "gateway"
 
 
@@ -111,25 +113,7 @@ def federate(
         console.print(f"started {len(procs)} edge runtimes (logs in {out / 'devices'}/*/edge.log)")
 
         service = CoordinatorService(store, task, key, BrokerSettings(host, port), out / "coordinator")
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            bar = progress.add_task("rounds", total=task.rounds + 1, detail="waiting for devices")
-
-            def on_tick(m: RoundManager) -> None:
-                s = m.status()
-                progress.update(
-                    bar,
-                    completed=max(0, m.model_round + 1),
-                    detail=f"round {s['round']} {s['phase']}: {s['accepted']}/{s['cohort']} updates, {s['online']} online",
-                )
-
-            status = service.run(on_tick=on_tick, timeout_s=timeout_s)
+        status = _run_with_progress(service, task.rounds, timeout_s)
         if status != "done":
             raise RuntimeError(f"the federated task ended as {status}: see {out / 'coordinator' / 'coordinator.log'}")
         for p in procs:
@@ -147,10 +131,11 @@ def run_demo(
     bits: int = 8,
     seed: int = 7,
     broker: tuple[str, int] | None = None,
-    docs: Path = Path("docs/benchmarks"),
+    docs: Path | None = None,
     timeout_s: float = 900.0,
     exports: bool = True,
 ) -> DemoResult:
+    """Run the demo in `out` (wiped first); its figures and plot go to `docs`, by default `out` itself."""
     started = time.monotonic()
     if out.exists():
         shutil.rmtree(out)
@@ -166,6 +151,10 @@ def run_demo(
     console.print(
         f"generated {len(hospitals)} hospitals: " + ", ".join(f"{h.site_id} ({h.n_patients})" for h in hospitals)
     )
+
+    # Compile (or load) the training kernels here once, so the five edge processes load them from Numba's
+    # cache instead of each compiling them at the same time on a fresh checkout.
+    warm_up()
 
     local_broker = None
     if broker is None:
@@ -214,8 +203,30 @@ def run_demo(
         rounds=rounds,
         seconds=time.monotonic() - started,
     )
-    _report(result, rows, task, docs, bits)
+    _report(result, rows, task, docs or out, bits)
     return result
+
+
+def _run_with_progress(service: CoordinatorService, rounds: int, timeout_s: float) -> str:
+    """A progress bar on a terminal; otherwise the coordinator's plain log lines (coordinator/progress.py)."""
+    if not console.is_terminal:
+        with ProgressReporter(console) as reporter:
+            return service.run(on_tick=reporter, timeout_s=timeout_s)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task("rounds", total=rounds + 1, detail="waiting for devices")
+
+        def on_tick(m: RoundManager) -> None:
+            view = round_view(m)
+            progress.update(bar, completed=max(0, m.model_round + 1), detail=view.detail())
+
+        return service.run(on_tick=on_tick, timeout_s=timeout_s)
 
 
 def _report(result: DemoResult, rows: list[MetricRow], task: TaskDefinition, docs: Path, bits: int) -> None:
@@ -241,7 +252,7 @@ def _report(result: DemoResult, rows: list[MetricRow], task: TaskDefinition, doc
         "strategy": task.strategy,
         "model": task.model.model_dump(),
         "seconds": round(result.seconds, 1),
-        "command": "make demo  (fhai-coordinator demo)",
+        "command": "fhai-coordinator demo --write-docs",
     }
     (docs / "federation.json").write_text(json.dumps(figures, indent=2) + "\n")
     lines = [

@@ -165,8 +165,9 @@ def _representative_rows(model: Model, representative: np.ndarray | None) -> np.
 
 def _tflite_bytes(layers: Layers, sigmoid: bool, calibration: np.ndarray | None) -> bytes:
     """Build the network as a tf.function with constant weights and convert it (int8 when calibration is given)."""
-    import tensorflow as tf
+    from coordinator.quiet import import_tensorflow, native_stderr_to_log
 
+    tf = import_tensorflow()
     consts = [(tf.constant(W), tf.constant(b)) for W, b in layers]
     n_features = layers[0][0].shape[0]
 
@@ -195,7 +196,8 @@ def _tflite_bytes(layers: Layers, sigmoid: bool, calibration: np.ndarray | None)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
-    return bytes(converter.convert())
+    with native_stderr_to_log():  # the converter prints its settings and logs each pass to descriptor 2
+        return bytes(converter.convert())
 
 
 def _tensor_quantization(data: bytes) -> tuple[float, int, float, int]:

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -567,16 +566,3 @@ class RoundManager:
         version = self.device_model.version()
         reported = {e.device_id for e in self.store.evaluations(self.task.task) if e.model_version == version}
         return set(self.state.cohort) <= reported
-
-    def status(self) -> dict[str, Any]:
-        row = self.state.row if self.state else None
-        return {
-            "task": self.task.task,
-            "round": row.round if row else None,
-            "phase": row.phase if row else None,
-            "status": row.status if row else "waiting",
-            "accepted": len(self.state.accepted) if self.state else 0,
-            "cohort": len(self.state.cohort) if self.state else 0,
-            "online": len(self.online),
-            "model_version": self.device_model.version() if self.device_model else None,
-        }

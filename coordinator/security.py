@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from coordinator import dynsec
-from coordinator.broker import CONFIG_DIR, MAX_PACKET_BYTES
+from coordinator.broker import MAX_PACKET_BYTES, broker_template
 from coordinator.errors import CoordinatorError
 from edge_runtime.mqtt import BrokerSettings
 
@@ -246,23 +246,19 @@ def mosquitto_config(layout: BrokerDir, bind: str, plugin: str, user: str) -> st
             "\n# The coordinator's own processes on this host (no TLS, loopback only; credentials still required).\n"
             f"listener {layout.plain_port} 127.0.0.1\n"
         )
-    return (
-        (CONFIG_DIR / "mosquitto-secure.conf")
-        .read_text()
-        .format(
-            user=user,
-            plugin=plugin,
-            dynsec_file=layout.dynsec_file,
-            tls_port=layout.tls_port,
-            bind=bind,
-            ca_file=layout.ca_file,
-            cert_file=layout.root / "server.pem",
-            key_file=layout.secrets / "server.key",
-            plain_listener=plain,
-            data_dir=layout.root / "data",
-            max_packet_size=MAX_PACKET_BYTES,
-            log_file=layout.log_file,
-        )
+    return broker_template("mosquitto-secure").format(
+        user=user,
+        plugin=plugin,
+        dynsec_file=layout.dynsec_file,
+        tls_port=layout.tls_port,
+        bind=bind,
+        ca_file=layout.ca_file,
+        cert_file=layout.root / "server.pem",
+        key_file=layout.secrets / "server.key",
+        plain_listener=plain,
+        data_dir=layout.root / "data",
+        max_packet_size=MAX_PACKET_BYTES,
+        log_file=layout.log_file,
     )
 
 

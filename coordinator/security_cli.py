@@ -4,14 +4,16 @@ broker side of `devices revoke`. Registered on coordinator/cli.py's app by regis
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.table import Table
 
 from coordinator.store import Store
@@ -31,6 +33,43 @@ def revoke_broker_account(broker_dir: Path, device_id: str, plain: bool = False)
 
     with DynsecAdmin(BrokerDir.load(broker_dir).settings("admin", plain=plain)) as admin:
         admin.delete_device(device_id)
+
+
+@contextlib.contextmanager
+def enrollment_in_background(
+    broker_dir: Path, store: Store, key: Ed25519PrivateKey, plain: bool = False
+) -> Iterator[threading.Event]:
+    """Answer enrollment requests in a thread while the block runs (`run --enroll`, `enroll-service`).
+
+    Yields the event that stops the service; leaving the block sets it and waits for the thread.
+    """
+    from coordinator.dynsec import DynsecAdmin
+    from coordinator.enrollment import EnrollmentService
+    from coordinator.security import BrokerDir
+
+    layout = BrokerDir.load(broker_dir)
+    settings = layout.settings("admin", plain=plain)
+    stop, ready = threading.Event(), threading.Event()
+    with DynsecAdmin(settings) as admin:
+        service = EnrollmentService(store, key, admin, settings, bootstrap_user=layout.username("bootstrap"))
+        service.sync_bootstrap()  # open the bootstrap window now if a token is live: "running" means usable
+
+        def serve() -> None:
+            try:
+                service.run(stop, ready)
+            except Exception:  # the rounds go on; the log says why enrollment stopped
+                logging.getLogger("fhai.enrollment").exception("the enrollment service stopped")
+                ready.set()
+
+        thread = threading.Thread(target=serve, name="enrollment", daemon=True)
+        thread.start()
+        ready.wait(30)
+        logging.getLogger("fhai.enrollment").info("enrollment service on %s:%d", settings.host, settings.port)
+        try:
+            yield stop
+        finally:
+            stop.set()
+            thread.join(15)
 
 
 def register_security_commands(
@@ -170,25 +209,16 @@ def register_security_commands(
         plain: Annotated[bool, typer.Option(help="Connect through the loopback plain listener")] = False,
         verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
     ) -> None:
-        """Answer enrollment requests: check the token, create the device's broker account and register its key."""
-        from coordinator.dynsec import DynsecAdmin
-        from coordinator.enrollment import EnrollmentService
-        from coordinator.security import BrokerDir
+        """Answer enrollment requests: check the token, create the device's broker account and register its key.
+
+        `fhai-coordinator run --enroll` does the same inside the coordinator's process."""
         from edge_runtime.keys import load_or_create_signing_key
 
         setup_logging(work_dir / "enrollment.log", verbose)
-        layout = BrokerDir.load(broker_dir)
-        settings = layout.settings("admin", plain=plain)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        with DynsecAdmin(settings) as admin:
-            service = EnrollmentService(
-                open_store(store),
-                load_or_create_signing_key(work_dir / "coordinator.key"),
-                admin,
-                settings,
-                bootstrap_user=layout.username("bootstrap"),
-            )
-            console.print(f"enrollment service on {settings.host}:{settings.port} (Ctrl-C stops it)")
+        key = load_or_create_signing_key(work_dir / "coordinator.key")
+        with enrollment_in_background(broker_dir, open_store(store), key, plain) as stop:
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            console.print("enrollment service running (Ctrl-C stops it)")
             with contextlib.suppress(KeyboardInterrupt):
-                service.run(stop)
+                while not stop.wait(0.5):
+                    pass

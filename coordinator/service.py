@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -22,6 +23,9 @@ from coordinator.store import Store
 from coordinator.task import TaskDefinition
 from edge_runtime import wire
 from edge_runtime.mqtt import BrokerSettings, Connection, Inbound, connect
+
+if TYPE_CHECKING:
+    from coordinator.metrics import CoordinatorMetrics
 
 log = logging.getLogger("fhai.coordinator")
 
@@ -44,6 +48,7 @@ class CoordinatorService:
         self.client_id = client_id or f"fhai-coordinator-{task.task}"
         self.conn: Connection | None = None
         self.manager = RoundManager(store, task, key, self._publish, work_dir / "spill")
+        self.metrics: CoordinatorMetrics | None = None  # opt-in Prometheus counters (coordinator/metrics.py)
 
     def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
         assert self.conn is not None
@@ -94,9 +99,15 @@ class CoordinatorService:
                 except queue.Empty:
                     msg = None
                 if msg is not None:
+                    handled_at = time.perf_counter()
                     self._dispatch(msg)
                     self.conn.ack(msg)  # only now: what it carried is in the store
+                    if self.metrics is not None:
+                        self.metrics.message(msg.topic, len(msg.payload), time.perf_counter() - handled_at)
+                ticked_at = time.perf_counter()
                 self.manager.tick()
+                if self.metrics is not None:
+                    self.metrics.ticked(self.manager, time.perf_counter() - ticked_at)
                 if on_tick is not None:
                     on_tick(self.manager)
         finally:

@@ -1,9 +1,11 @@
 """A federated task: what to learn (feature spec, label, model), how (strategy, training), and the
-round rules (rounds, cohort, quorum, deadline). Loaded from YAML; see firmware_configs/tasks/."""
+round rules (rounds, cohort, quorum, deadline). Loaded from YAML: a file, or a task name looked up in
+the config folders and the package's firmware_configs/tasks/ (edge_runtime/configs.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+from importlib.resources.abc import Traversable
 from typing import Any, Literal
 
 import yaml
@@ -12,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from coordinator.aggregation import build_strategy
 from coordinator.downlink import DownlinkSettings
 from coordinator.errors import CoordinatorError
+from edge_runtime import configs
 from edge_runtime.messages import CodecSettings
 from edge_runtime.model import ModelSpec
 from edge_runtime.trainer import TrainConfig
@@ -86,9 +89,11 @@ def parse_task(data: object, source: str = "task") -> TaskDefinition:
         raise CoordinatorError("FHAI-J001", f"{source}: invalid task definition at {where!r}: {first['msg']}") from exc
 
 
-def load_task(path: Path) -> TaskDefinition:
+def load_task(source: str | os.PathLike[str] | Traversable) -> TaskDefinition:
+    """A task from a YAML file, a packaged resource, or a task name (see edge_runtime/configs.py)."""
+    path = source if isinstance(source, Traversable) else configs.resolve("tasks", source, ".yaml").file
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise CoordinatorError("FHAI-J002", f"cannot read task file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import ValidationError
@@ -32,11 +33,15 @@ from edge_runtime.model import Model
 from edge_runtime.mqtt import BrokerError, BrokerSettings, Connection, connect
 from edge_runtime.profile import DeviceProfile, training_bytes
 from edge_runtime.rebuild import RebuildError, rebuild_artifact
+from edge_runtime.round_log import RoundLog
 from edge_runtime.site_data import SiteData, SourceConfig
-from edge_runtime.trainer import TrainConfig, train
+from edge_runtime.trainer import TrainConfig, train, warm_up_in_background
 from fhir_adapters.errors import FhirAdapterError
 from fhir_adapters.features import FeatureTable
 from fhir_adapters.featurespec import FeatureSpec, parse_spec
+
+if TYPE_CHECKING:
+    from edge_runtime.monitoring import EdgeMetrics
 
 log = logging.getLogger("fhai.edge")
 
@@ -52,6 +57,7 @@ class AgentConfig:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     exit_when_done: bool = True
     retry_s: float = 15.0  # after a failed attempt (FHIR server down, token expired), try the round again
+    metrics: EdgeMetrics | None = None  # opt-in Prometheus metrics (edge_runtime/monitoring.py)
 
 
 @dataclass
@@ -101,7 +107,7 @@ class EdgeAgent:
         self.coordinator = public_from_hex(cfg.coordinator_key)
         self.data = SiteData(cfg.source, cfg.state_dir)
         self.announcement: Announcement | None = None
-        self.progress_file = cfg.state_dir / f"progress-{cfg.task}.json"
+        self.rounds = RoundLog(cfg.state_dir / f"progress-{cfg.task}.json")
         self.residual_file = cfg.state_dir / f"residual-{cfg.task}.npy"
         self.model_file = cfg.state_dir / f"model-{cfg.task}.bin"  # the held global model, to resume from
         self.follower = ModelFollower(self._load_held())
@@ -113,18 +119,7 @@ class EdgeAgent:
         self.finished = threading.Event()
         self.deployment = Deployment(cfg.state_dir, cfg.task, cfg.profile)
         self._retry_at: float | None = None
-
-    # state kept across restarts ------------------------------------------------------------------
-    def _done_rounds(self) -> set[int]:
-        if not self.progress_file.exists():
-            return set()
-        return set(json.loads(self.progress_file.read_text()).get("done", []))
-
-    def _mark_done(self, round_no: int) -> None:
-        done = sorted(self._done_rounds() | {round_no})
-        tmp = self.progress_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"done": done}))
-        tmp.replace(self.progress_file)
+        self._said: tuple[int, float, str] | None = None  # the last "not selected"/"missed" line, said once
 
     @property
     def model(self) -> Model | None:
@@ -167,6 +162,7 @@ class EdgeAgent:
     def run(self, stop: threading.Event | None = None) -> None:
         """Serve rounds until the task ends (or `stop` is set)."""
         stop = stop or threading.Event()
+        warm_up_in_background()  # Numba's load overlaps the broker connection and the first FHIR sync
         device, task = self.cfg.device_id, self.cfg.task
         presence = wire.status_topic(device)
         self.conn = connect(
@@ -317,15 +313,20 @@ class EdgeAgent:
         ann = self.announcement
         if ann is None or ann.task != self.cfg.task:
             return
-        if ann.round in self._done_rounds():
+        if ann.round in self.rounds.handled():
             if ann.final and self.cfg.exit_when_done:
                 self.finished.set()
             return
         if self.cfg.device_id not in ann.cohort:
-            log.info("round %d: not selected", ann.round)
+            self._say_once(ann, "not selected", lambda: log.info("round %d: not selected", ann.round))
             return
         if time.time() > ann.deadline:
-            log.warning("round %d: deadline passed before this device could start", ann.round)
+            self.rounds.record(ann.round, ann.phase, "missed")
+            self._say_once(
+                ann,
+                "missed",
+                lambda: log.warning("round %d: deadline passed before this device could start", ann.round),
+            )
             return
         if ann.phase != "stats" and (self.model is None or self.model.version() != ann.model_version):
             return  # the matching global model has not arrived yet
@@ -340,14 +341,28 @@ class EdgeAgent:
             self._send_eval(ann, split)
             if ann.phase == "train":
                 self._send_update(ann, split)
-        self._mark_done(ann.round)
+        on_time = time.time() <= ann.deadline
+        if not on_time:
+            log.warning(
+                "round %d: sent after the deadline; the coordinator drops it unless the round is still open", ann.round
+            )
+        self.rounds.record(ann.round, ann.phase, "sent" if on_time else "late")
         if ann.final and self.cfg.exit_when_done:
             self.finished.set()
+
+    def _say_once(self, ann: Announcement, what: str, say: Callable[[], None]) -> None:
+        """Announcement and model frames both wake `work`: say a round's non-event once, not per frame."""
+        if self._said != (ann.round, ann.deadline, what):
+            self._said = (ann.round, ann.deadline, what)
+            say()
 
     def _local_split(self, ann: Announcement, spec: FeatureSpec) -> LocalSplit:
         # File sources do not change between rounds; a FHIR mirror is synced each round.
         if self._split is None or self._split[0] != ann.feature_spec_hash or self.cfg.source.kind == "fhir":
+            synced_at = time.perf_counter()
             table = self.data.table(spec)
+            if self.cfg.metrics is not None:
+                self.cfg.metrics.synced(time.perf_counter() - synced_at, len(table.patient_ids))
             self._split = (
                 ann.feature_spec_hash,
                 split_table(table, self.cfg.device_id, self.cfg.profile.holdout_fraction),
@@ -432,7 +447,10 @@ class EdgeAgent:
         assert self.model is not None
         config = self.train_config(ann)
         X, y = self._fit_budget(split, config)
+        trained_at = time.perf_counter()
         result = train(self.model, X, y, config, global_params=self.model.params)
+        if self.cfg.metrics is not None:
+            self.cfg.metrics.trained(time.perf_counter() - trained_at, len(y))
         delta = (result.model.params - self.model.params).astype(np.float32)
         n = delta.size
         feedback = (

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +15,11 @@ from edge_runtime.console import broker_settings, console, friendly_errors, setu
 from edge_runtime.enroll import load_credentials
 from edge_runtime.enroll_cli import register_enroll_command
 from edge_runtime.keys import load_or_create_signing_key, public_hex
+
+# One BLAS thread on the edge (before numpy loads): batch-32 products gain nothing from more, and idle
+# OpenBLAS pool threads spin on a small device's cores while the runtime starts.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+log = logging.getLogger("fhai.edge")
 
 app = typer.Typer(help="FH-AI edge runtime: trains on this hospital's FHIR data, sends only model updates.")
 
@@ -33,9 +39,13 @@ def init(state_dir: StateDir = Path("state/edge")) -> None:
 @friendly_errors
 def run(
     task: Annotated[str, typer.Option(help="Task id to join")],
-    device_id: Annotated[str, typer.Option(help="This device's id (letters, digits, - _ .)")],
     source: Annotated[str, typer.Option(help="FHIR R4 base URL, or a folder of Bulk ndjson / Bundles")],
-    coordinator_key: Annotated[str, typer.Option(help="Coordinator's public key (hex) or a file holding it")],
+    device_id: Annotated[
+        str | None, typer.Option(help="This device's id (default: the enrolled one, from STATE_DIR)")
+    ] = None,
+    coordinator_key: Annotated[
+        str | None, typer.Option(help="Coordinator's public key, hex or a file (default: the enrolled one)")
+    ] = None,
     state_dir: StateDir = Path("state/edge"),
     profile: Annotated[str, typer.Option(help="Device profile name or YAML path")] = "gateway",
     broker: Annotated[
@@ -49,24 +59,44 @@ def run(
     token_file: Annotated[Path | None, typer.Option(help="File with the FHIR server's bearer token")] = None,
     fhir_ca: Annotated[Path | None, typer.Option(help="CA bundle for the FHIR server")] = None,
     stay: Annotated[bool, typer.Option(help="Keep serving after the task's final round")] = False,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port (0: any free port)")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address the metrics endpoint binds to")] = "127.0.0.1",
     log_file: Annotated[Path | None, typer.Option(help="Log file (default: STATE_DIR/edge.log)")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
-    """Join TASK and serve its rounds until it ends."""
+    """Join TASK and serve its rounds until it ends.
+
+    After `fhai-edge enroll`, --task and --source are all it needs: the device id, the coordinator's key,
+    the broker and its account come from STATE_DIR/credentials.json.
+    """
     from edge_runtime.agent import AgentConfig, EdgeAgent
     from edge_runtime.profile import load_profile
     from edge_runtime.site_data import SourceConfig
 
     setup_logging(log_file or state_dir / "edge.log", verbose, progress=("fhai.edge",))
-    settings = broker_settings(broker or "127.0.0.1:1883", username, password_file, tls_ca)
-    host, port = settings.host, settings.port
     enrolled = load_credentials(state_dir) if username is None else None
+    settings = broker_settings(broker or "127.0.0.1:1883", username, password_file, tls_ca)
     if enrolled is not None:  # the account `fhai-edge enroll` stored
-        if enrolled.device_id != device_id:
+        if device_id is not None and enrolled.device_id != device_id:
             raise typer.BadParameter(f"{state_dir} is enrolled as {enrolled.device_id!r}, not {device_id!r}")
-        settings = enrolled.broker if broker is None else replace(enrolled.broker, host=host, port=port)
+        device_id = enrolled.device_id
+        settings = (
+            enrolled.broker if broker is None else replace(enrolled.broker, host=settings.host, port=settings.port)
+        )
         settings = settings if tls_ca is None else replace(settings, ca_file=str(tls_ca))
+        coordinator_key = coordinator_key or enrolled.coordinator_key
+    if device_id is None or coordinator_key is None:
+        missing = " and ".join(
+            f for f, v in (("--device-id", device_id), ("--coordinator-key", coordinator_key)) if v is None
+        )
+        raise typer.BadParameter(
+            f"{state_dir} holds no enrollment: enroll the device first (`fhai-edge enroll`), or give {missing}"
+        )
     key_text = Path(coordinator_key).read_text().strip() if Path(coordinator_key).is_file() else coordinator_key
+    if enrolled is not None and key_text != enrolled.coordinator_key:
+        log.warning("--coordinator-key differs from the key this device enrolled with; using the one given")
     cfg = AgentConfig(
         device_id=device_id,
         task=task,
@@ -77,10 +107,19 @@ def run(
         broker=settings,
         exit_when_done=not stay,
     )
+    if metrics_port is not None:
+        from edge_runtime.monitoring import EdgeMetrics
+
+        cfg.metrics = EdgeMetrics(device_id, task)
+        cfg.metrics.serve(metrics_port, metrics_host)
     console.print(
         f"[bold]{device_id}[/] joining task [bold]{task}[/] on {settings.host}:{settings.port} (data: {source})"
     )
-    EdgeAgent(cfg).run()
+    try:
+        EdgeAgent(cfg).run()
+    finally:
+        if cfg.metrics is not None:
+            cfg.metrics.close()
     console.print(f"[green]task {task} finished[/]")
 
 
@@ -129,16 +168,81 @@ def predict(
 @app.command()
 @friendly_errors
 def status(state_dir: StateDir = Path("state/edge")) -> None:
-    """What this device has done: rounds per task, and whether it holds an error-feedback residual."""
+    """What this device has done per task: training rounds whose update reached the broker in time, and not."""
+    from edge_runtime.round_log import RoundLog
+
     table = Table(title=f"Device state in {state_dir}")
-    for col in ("task", "rounds done", "last round", "residual"):
+    for col in ("task", "rounds trained", "sent late", "missed", "stats/eval rounds", "last round", "residual"):
         table.add_column(col)
     for progress in sorted(state_dir.glob("progress-*.json")):
         task = progress.stem.removeprefix("progress-")
-        done = json.loads(progress.read_text()).get("done", [])
+        p = RoundLog(progress).summary()
         residual = state_dir / f"residual-{task}.npy"
-        table.add_row(task, str(len(done)), str(max(done) if done else "-"), "yes" if residual.exists() else "no")
+        last = "-" if p.last_round is None else str(p.last_round)
+        table.add_row(
+            task, str(p.trained), str(p.late), str(p.missed), str(p.other), last, "yes" if residual.exists() else "no"
+        )
     console.print(table)
+    console.print(
+        "sent late: the update reached the broker after the round's deadline (the coordinator drops it unless "
+        "the round was still open); missed: the deadline passed before this device could start"
+    )
+
+
+@app.command()
+def doctor(
+    source: Annotated[
+        str | None, typer.Option(help="FHIR R4 base URL (or data folder) this device reads; unchecked if omitted")
+    ] = None,
+    state_dir: StateDir = Path("state/edge"),
+    broker: Annotated[str | None, typer.Option(help="MQTT broker HOST:PORT (default: the enrolled one)")] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option(help="CA certificate of the broker (default: the enrolled one)")
+    ] = None,
+    token_file: Annotated[Path | None, typer.Option(help="File with the FHIR server's bearer token")] = None,
+    fhir_ca: Annotated[Path | None, typer.Option(help="CA bundle for the FHIR server")] = None,
+    warm: Annotated[bool, typer.Option(help="Compile the training kernels now if the cache is cold")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each server")] = 10.0,
+) -> None:
+    """Check this device: FHIR server and version, clock, broker and TLS, state folder, disk, Numba cache.
+
+    One line per check; exit code 1 if any check failed (warnings do not fail)."""
+    from edge_runtime.doctor import run_checks
+
+    enrolled = load_credentials(state_dir) if state_dir.exists() else None
+    settings = enrolled.broker if enrolled is not None else None
+    if broker is not None:
+        settings = broker_settings(
+            broker, tls_ca=tls_ca or (Path(settings.ca_file) if settings and settings.ca_file else None)
+        )
+    elif settings is not None and tls_ca is not None:
+        settings = replace(settings, ca_file=str(tls_ca))
+    checks = run_checks(source, state_dir, settings, token_file, fhir_ca, warm, timeout)
+    colour = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+    for c in checks:
+        if console.is_terminal:
+            console.print(f"[{colour[c.status]}]{c.line()}[/]", soft_wrap=True, highlight=False, markup=True)
+        else:
+            print(c.line(), flush=True)
+    if any(c.status == "fail" for c in checks):
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def units(
+    out: Annotated[
+        Path | None, typer.Option(help="Write the unit here (e.g. /etc/systemd/system), else print it")
+    ] = None,
+) -> None:
+    """The systemd unit of the edge runtime (fhai-edge@TASK.service), with this install's paths filled in."""
+    from edge_runtime.configs import render_unit, write_units
+
+    if out is None:
+        print(render_unit("fhai-edge@"), end="")
+        return
+    for path in write_units(["fhai-edge@"], out):
+        console.print(f"wrote {path}; then: systemctl daemon-reload && systemctl enable --now fhai-edge@TASK")
 
 
 register_enroll_command(app)

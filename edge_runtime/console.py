@@ -25,8 +25,9 @@ R = TypeVar("R")
 def setup_logging(log_file: Path | None, verbose: bool = False, progress: tuple[str, ...] = ()) -> None:
     """Everything to the log file (if any); warnings and up (or everything with -v) to stderr.
 
-    Loggers named in `progress` also show their INFO lines on the console: what a long-running
-    command is doing, one line per step.
+    Loggers named in `progress` also show their INFO lines on the console: what a long-running command is
+    doing, one line per step. On a terminal rich formats them; otherwise (a service's journal, a pipe, a
+    file) they are plain timestamped lines, written as they happen.
     """
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -36,11 +37,14 @@ def setup_logging(log_file: Path | None, verbose: bool = False, progress: tuple[
         fh = logging.FileHandler(log_file)
         fh.setFormatter(fmt)
         root.addHandler(fh)
+    plain_progress = bool(progress) and not verbose and not console.is_terminal
     sh = logging.StreamHandler(sys.stderr)
-    sh.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    sh.setLevel(logging.DEBUG if verbose else logging.INFO if plain_progress else logging.WARNING)
     sh.setFormatter(fmt)
+    if plain_progress:
+        sh.addFilter(lambda record: record.levelno >= logging.WARNING or record.name.startswith(progress))
     root.addHandler(sh)
-    if progress and not verbose:
+    if progress and not verbose and console.is_terminal:
         shown = RichHandler(console=console, show_path=False, show_level=False, markup=False)
         shown.setLevel(logging.INFO)
         shown.addFilter(lambda record: record.levelno < logging.WARNING and record.name.startswith(progress))

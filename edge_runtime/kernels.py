@@ -20,7 +20,12 @@ Compile options, and why they are safe here:
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from edge_runtime.blas import preload_cython_blas
+
+preload_cython_blas()  # before Numba sets up: it imports the BLAS bindings (see edge_runtime/blas.py)
+
+from numba import njit  # noqa: E402
 
 OPT_SGD = 0
 OPT_ADAM = 1

@@ -1,4 +1,5 @@
-"""Device profiles (firmware_configs/devices/*.yaml): how hard a device may work in a round."""
+"""Device profiles (devices/*.yaml, shipped in firmware_configs or overridden in a config folder, see
+edge_runtime/configs.py): how hard a device may work in a round."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edge_runtime import configs
 from edge_runtime.errors import ConfigError
 from edge_runtime.trainer import TrainConfig
-
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "firmware_configs" / "devices"
 
 
 class DeviceProfile(BaseModel):
@@ -35,14 +35,13 @@ class DeviceProfile(BaseModel):
 
 
 def load_profile(name_or_path: str | Path) -> DeviceProfile:
-    """A profile by file path, or by name from firmware_configs/devices/."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    """A profile by file path, or by name from the config folders or the package (configs.py's order)."""
+    found = configs.resolve("devices", name_or_path, ".yaml")
+    path = found.origin
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(found.read_text())
     except OSError as exc:
-        known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
+        known = ", ".join(configs.available("devices", ".yaml"))
         raise ConfigError(
             "FHAI-P001", f"cannot read device profile {path} ({exc.strerror}); known profiles: {known}"
         ) from exc

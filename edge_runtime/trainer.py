@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -9,7 +11,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_runtime.errors import TrainingDataError
-from edge_runtime.model import Model
+from edge_runtime.model import Model, ModelSpec
+
+log = logging.getLogger("fhai.edge")
 
 
 class TrainConfig(BaseModel):
@@ -182,3 +186,24 @@ def objective(
         anchor,
     )
     return float(loss), grad
+
+
+def warm_up() -> None:
+    """Load (or compile) the training kernels: one tiny run has the argument types of every real one."""
+    X = np.zeros((2, 1), np.float32)
+    train(Model.create(ModelSpec(1)), X, np.array([0, 1]), TrainConfig(epochs=1, batch_size=2))
+
+
+def warm_up_in_background() -> threading.Thread:
+    """Start `warm_up` in a daemon thread, so Numba's import and cache load overlap the device's I/O
+    (broker connection, FHIR sync) instead of delaying its first trained batch; `train` waits for it."""
+
+    def run() -> None:
+        try:
+            warm_up()
+        except Exception:  # the first real train() will raise the same problem where it can be handled
+            log.debug("kernel warm-up failed", exc_info=True)
+
+    thread = threading.Thread(target=run, name="kernel-warm-up", daemon=True)
+    thread.start()
+    return thread

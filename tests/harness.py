@@ -15,12 +15,14 @@ import yaml
 
 from coordinator.broker import LocalBroker
 from coordinator.demo import TASK_FILE
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import CoordinatorService
 from coordinator.store import Store
 from coordinator.task import TaskDefinition, load_task
 from edge_runtime.agent import AgentConfig, EdgeAgent, LocalSplit
 from edge_runtime.keys import load_or_create_signing_key, public_hex
 from edge_runtime.messages import Announcement
+from edge_runtime.monitoring import EdgeMetrics
 from edge_runtime.mqtt import BrokerSettings
 from edge_runtime.profile import load_profile
 from edge_runtime.site_data import SourceConfig
@@ -100,6 +102,7 @@ class Federation:
         self.service: CoordinatorService | None = None
         self.coordinator_status: str | None = None
         self.process: subprocess.Popen[bytes] | None = None
+        self.metrics_ports: dict[str, int] = {}
 
     @property
     def settings(self) -> BrokerSettings:
@@ -112,8 +115,10 @@ class Federation:
         for site in self.hospitals:
             self.store.add_device(site, public_hex(load_or_create_signing_key(self.device_key_path(site))), site)
 
-    def start_devices(self, only: list[str] | None = None, **gates: dict[str, Any]) -> None:
-        """Start every site's agent (or those in `only`); gates[site] = GatedAgent keyword arguments for that site."""
+    def start_devices(self, only: list[str] | None = None, *, metrics: bool = False, **gates: dict[str, Any]) -> None:
+        """Start every site's agent (or those in `only`); gates[site] = GatedAgent keyword arguments for that site.
+
+        With `metrics`, each agent serves Prometheus metrics on a free port (self.metrics_ports[site])."""
         for site, folder in self.hospitals.items():
             if only is not None and site not in only:
                 continue
@@ -127,14 +132,20 @@ class Federation:
                 broker=self.settings,
                 retry_s=1.0,
             )
+            if metrics:
+                cfg.metrics = EdgeMetrics(site, self.task.task)
+                self.metrics_ports[site] = cfg.metrics.serve(0)
             agent = GatedAgent(cfg, **gates.get(site, {}))
             self.agents[site] = agent
             t = threading.Thread(target=agent.run, args=(self.stop_event,), name=f"agent-{site}", daemon=True)
             t.start()
             self.threads.append(t)
 
-    def start_coordinator_thread(self, timeout_s: float = 120) -> None:
+    def start_coordinator_thread(self, timeout_s: float = 120, metrics: bool = False) -> None:
         self.service = CoordinatorService(self.store, self.task, self.key, self.settings, self.work)
+        if metrics:
+            self.service.metrics = CoordinatorMetrics(self.service.manager)
+            self.metrics_ports["coordinator"] = self.service.metrics.serve(0)
 
         def run() -> None:
             assert self.service is not None
@@ -172,3 +183,8 @@ class Federation:
             self.process.wait()
         for t in self.threads:
             t.join(timeout=15)
+        for agent in self.agents.values():
+            if agent.cfg.metrics is not None:
+                agent.cfg.metrics.close()
+        if self.service is not None and self.service.metrics is not None:
+            self.service.metrics.close()

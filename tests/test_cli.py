@@ -62,7 +62,7 @@ def test_edge_run_refuses_unknown_profiles_and_sources(tmp_path: Path) -> None:
     key = public_hex(load_or_create_signing_key(tmp_path / "c.key"))
     base = ["run", "--task", "t", "--device-id", "dev-1", "--coordinator-key", key, "--state-dir", str(tmp_path)]
     result = runner.invoke(edge_app, [*base, "--source", str(tmp_path), "--profile", "toaster"])
-    assert result.exit_code == 2 and "FHAI-P001" in result.output and "gateway" in result.output
+    assert result.exit_code == 2 and "FHAI-P401" in result.output and "gateway" in result.output
     result = runner.invoke(edge_app, [*base, "--source", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "FHAI-D001" in result.output
     result = runner.invoke(edge_app, [*base, "--source", str(tmp_path), "--broker", "no-port"])
@@ -91,3 +91,9 @@ def test_devices_add_rejects_a_bad_key(tmp_path: Path) -> None:
         coordinator_app, ["devices", "add", "dev-1", "--public-key", "abcd", "--store", f"sqlite:///{tmp_path / 'db'}"]
     )
     assert result.exit_code == 2 and "FHAI-K003" in result.output
+
+
+def test_edge_run_without_enrollment_asks_for_it_or_the_flags(tmp_path: Path) -> None:
+    result = runner.invoke(edge_app, ["run", "--task", "t", "--source", str(tmp_path), "--state-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "enroll the device first" in result.output and "--device-id and --coordinator-key" in result.output
