@@ -1,8 +1,8 @@
 """The edge agent: joins a task over MQTT, and for each round it is selected for, pulls its
 hospital's records, trains, and sends back a signed, quantized update. Nothing else leaves.
 
-Messages arrive on paho's network thread and are queued; all work happens on the caller's thread,
-so a long training run never stalls the MQTT keepalive.
+Messages arrive on paho's network thread and are queued; all work happens on the caller's thread.
+The training kernels release the GIL (kernels.py), so a long training run never stalls the keepalive.
 """
 
 from __future__ import annotations
