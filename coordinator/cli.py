@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -117,6 +118,34 @@ def status(
         for x in rejected[-20:]:
             rej.add_row(str(x.round), x.device_id, x.code, x.reason)
         console.print(rej)
+
+
+@app.command()
+@friendly_errors
+def recover(
+    task: Annotated[str, typer.Argument(help="Task id")],
+    store: Store = DEFAULT_STORE,
+    work_dir: WorkDir = Path("state/coordinator"),
+) -> None:
+    """Reopen a failed (or stuck) task from its last committed round; then `run` it again with the same YAML."""
+    from coordinator.lease import claim_task
+    from coordinator.task import parse_task
+    from edge_runtime.keys import load_signing_key
+
+    setup_logging(work_dir / "coordinator.log")
+    db = _open_store(store)
+    row = db.get_task(task)
+    if row is None:
+        raise typer.BadParameter(f"no task {task!r} in {store}")
+    deadline_s = parse_task(json.loads(row.definition)).round_deadline_s
+    with claim_task(db, task, load_signing_key(work_dir / "coordinator.key"), work_dir):
+        reopened = db.reopen_task(task, time.time() + deadline_s)
+    cp = db.latest_checkpoint(task)
+    last = f"round {cp.round}" if cp is not None else "no round yet"
+    console.print(
+        f"task {task} is running again from its last committed round ({last}); reopened rounds: "
+        f"{reopened or 'none'}. Start it with `fhai-coordinator run` and the task's YAML"
+    )
 
 
 @app.command()

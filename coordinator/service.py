@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from coordinator.lease import TaskLease, claim_task
 from coordinator.rounds import RoundManager
 from coordinator.store import Store
 from coordinator.task import TaskDefinition
@@ -40,6 +41,8 @@ class CoordinatorService:
     ) -> None:
         self.store = store
         self.task = task
+        self.key = key
+        self.work_dir = work_dir
         self.broker = broker
         self.client_id = client_id or f"fhai-coordinator-{task.task}"
         self.conn: Connection | None = None
@@ -68,6 +71,21 @@ class CoordinatorService:
         """Run the task until it is done or failed (or `stop`); returns the task's final status."""
         stop = stop or threading.Event()
         task = self.task.task
+        # The task's lease first: a second coordinator must be refused before it takes the broker session.
+        lease = claim_task(self.store, task, self.key, self.work_dir)
+        try:
+            return self._run(lease, stop, on_tick, timeout_s)
+        finally:
+            lease.release()
+
+    def _run(
+        self,
+        lease: TaskLease,
+        stop: threading.Event,
+        on_tick: Callable[[RoundManager], None] | None,
+        timeout_s: float | None,
+    ) -> str:
+        task = self.task.task
         self.conn = connect(
             self.client_id,
             self.broker,
@@ -88,6 +106,7 @@ class CoordinatorService:
                     return "timeout"
                 if time.monotonic() - last_keys > KEY_REFRESH_S:
                     self.manager.refresh_keys()  # devices enrolled or revoked meanwhile
+                    lease.check()
                     last_keys = time.monotonic()
                 try:
                     msg = self.conn.inbox.get(timeout=0.1)

@@ -7,6 +7,7 @@ coordinator killed at any moment re-folds exactly the updates it had accepted wh
 from __future__ import annotations
 
 import hmac
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -128,6 +129,17 @@ class Evaluation(Base):
     at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
+class TaskCoordinator(Base):
+    """Which coordinator key a task runs with (devices trust only it), and who holds the task's lease now."""
+
+    __tablename__ = "task_coordinators"
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    work_dir: Mapped[str] = mapped_column(Text, default="")  # where that key lives
+    holder: Mapped[str] = mapped_column(Text, default="{}")  # JSON: host, pid, work dir, since (coordinator/lease.py)
+    bound_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
 @dataclass(frozen=True)
 class StoredUpdate:
     device_id: str
@@ -226,6 +238,56 @@ class Store:
             r = s.scalars(select(Round).where(Round.task_id == task_id, Round.round == round_no)).one()
             for k, v in fields.items():
                 setattr(r, k, v)
+
+    # the task's coordinator (coordinator/lease.py)
+    def set_lease_holder(self, task_id: str, holder: str) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(TaskCoordinator, task_id)
+            if row is None:
+                s.add(TaskCoordinator(task_id=task_id, holder=holder))
+            else:
+                row.holder = holder
+
+    def lease_holder(self, task_id: str) -> dict[str, object] | None:
+        with self.session() as s:
+            row = s.get(TaskCoordinator, task_id)
+            return json.loads(row.holder) if row is not None and row.holder else None
+
+    def bind_coordinator_key(self, task_id: str, fingerprint: str, work_dir: str) -> tuple[str, str] | None:
+        """Record the task's coordinator key on first use; (fingerprint, work dir) on record if it differs."""
+        with self.session() as s, s.begin():
+            row = s.get(TaskCoordinator, task_id)
+            if row is None:
+                row = TaskCoordinator(task_id=task_id)
+                s.add(row)
+            if row.key_fingerprint is None:
+                row.key_fingerprint, row.work_dir = fingerprint, work_dir
+                return None
+            return None if row.key_fingerprint == fingerprint else (row.key_fingerprint, row.work_dir)
+
+    def reopen_task(self, task_id: str, deadline: float) -> list[int]:
+        """Set a failed or stuck task running again from its last checkpoint, in one transaction.
+
+        A round whose checkpoint exists is committed (the checkpoint is its commit); every later round is
+        collecting again until `deadline`, with the updates it had accepted. Returns the reopened rounds.
+        """
+        with self.session() as s, s.begin():
+            task = s.get(Task, task_id)
+            if task is None:
+                raise CoordinatorError("FHAI-S705", f"no task {task_id!r} in this store: check --store")
+            if task.status == "done":
+                raise CoordinatorError("FHAI-S705", f"task {task_id} is done: there is nothing to recover")
+            checkpointed = set(s.scalars(select(Checkpoint.round).where(Checkpoint.task_id == task_id)))
+            last = max(checkpointed, default=-1)
+            reopened = []
+            for r in s.scalars(select(Round).where(Round.task_id == task_id).order_by(Round.round)):
+                if r.round in checkpointed:
+                    r.status = "committed"
+                elif r.round > last:
+                    r.status, r.deadline, r.extensions, r.closed_at = "collecting", deadline, 0, None
+                    reopened.append(r.round)
+            task.status = "running"
+            return reopened
 
     # updates
     def accept(self, task_id: str, round_no: int, update: StoredUpdate) -> bool:
