@@ -22,10 +22,11 @@ app.add_typer(devices_app, name="devices")
 Store = Annotated[str, typer.Option("--store", help="SQLAlchemy URL of the coordinator store")]
 WorkDir = Annotated[Path, typer.Option("--work-dir", help="Coordinator key, spill files and logs")]
 DEFAULT_STORE = "sqlite:///state/coordinator/fhai.db"
+CLI_STORE_RETRY_S = 5.0  # a one-off command waits out a short store outage, `run` (--store-retry-s) longer
 
 
-def _open_store(url: str) -> StoreClass:
-    return StoreClass(url)
+def _open_store(url: str, retry_s: float = CLI_STORE_RETRY_S) -> StoreClass:
+    return StoreClass(url, retry_s=retry_s)
 
 
 @app.command()
@@ -48,6 +49,9 @@ def run(
     password_file: Annotated[Path | None, typer.Option(help="File with the MQTT password")] = None,
     tls_ca: Annotated[Path | None, typer.Option(help="CA certificate: connect with TLS")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of the metrics per round here")] = None,
+    store_retry_s: Annotated[
+        float, typer.Option(min=0, help="How long to wait out a store outage (PostgreSQL down) before stopping")
+    ] = 300.0,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Run (or resume) the task in TASK_FILE until its last round is committed."""
@@ -58,7 +62,7 @@ def run(
 
     setup_logging(work_dir / "coordinator.log", verbose)
     task = load_task(task_file)
-    db = _open_store(store)
+    db = _open_store(store, store_retry_s)
     settings = broker_settings(broker, username, password_file, tls_ca)
     service = CoordinatorService(db, task, load_or_create_signing_key(work_dir / "coordinator.key"), settings, work_dir)
     with Live(console=console, refresh_per_second=4) as live:
@@ -89,10 +93,12 @@ def status_line(s: dict[str, object], rounds: int) -> Table:
 def status(
     task: Annotated[str, typer.Argument(help="Task id")],
     store: Store = DEFAULT_STORE,
+    work_dir: WorkDir = Path("state/coordinator"),
 ) -> None:
     """Rounds, metrics and rejected updates of a task (read from the store; safe while it runs)."""
     from coordinator.report import metric_rows, rounds_table
 
+    setup_logging(work_dir / "coordinator.log")
     db = _open_store(store)
     if db.get_task(task) is None:
         raise typer.BadParameter(f"no task {task!r} in {store}")

@@ -251,8 +251,9 @@ class RoundManager:
             self.store.reject(self.task.task, round_no, device, exc.code, exc.message)
             return False
         assert self.state is not None
-        if not self.store.accept(self.task.task, header_round, update):
-            # A QoS 1 redelivery or a replay: the first copy already counts, this one must not.
+        if not self.store.accept(self.task.task, header_round, update) and update.device_id in self.state.accepted:
+            # A QoS 1 redelivery or a replay: the first copy already counts, this one must not. (Stored but
+            # not folded is this very update, whose COMMIT landed before a store outage hid it: it counts.)
             log.info("duplicate update from %s for round %d ignored", device, header_round)
             self.store.reject(self.task.task, header_round, device, "FHAI-R010", "duplicate of an accepted update")
             return False

@@ -32,6 +32,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from coordinator.errors import CoordinatorError
+from coordinator.store_faults import retried
+
+DEFAULT_RETRY_S = 60.0
 
 
 class Base(DeclarativeBase):
@@ -153,10 +156,13 @@ class StoredUpdate:
 class Store:
     """A thin shell over the database: each method is one transaction."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, retry_s: float = DEFAULT_RETRY_S) -> None:
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(url)
+        # pre_ping: after a PostgreSQL outage, pooled connections are dead; test each before use.
+        self.engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+        self.retry_s = retry_s  # how long a transient fault (PostgreSQL down) is retried before giving up
+        self.retried_calls = 0
         if url.startswith("sqlite"):
             # WAL so the status CLI can read while the coordinator writes; sync on commit so an
             # accepted update survives a SIGKILL.
@@ -167,13 +173,18 @@ class Store:
                 cur.execute("PRAGMA synchronous=FULL")
                 cur.close()
 
-        Base.metadata.create_all(self.engine)
+        self._create_schema()
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    @retried
+    def _create_schema(self) -> None:
+        Base.metadata.create_all(self.engine)
 
     def session(self) -> Session:
         return self._session()
 
     # devices
+    @retried
     def add_device(self, device_id: str, public_key: str, site: str = "") -> None:
         with self.session() as s, s.begin():
             existing = s.get(Device, device_id)
@@ -186,6 +197,7 @@ class Store:
             else:
                 existing.public_key, existing.site, existing.revoked_at = public_key, site, None
 
+    @retried
     def revoke_device(self, device_id: str) -> bool:
         with self.session() as s, s.begin():
             dev = s.get(Device, device_id)
@@ -194,45 +206,67 @@ class Store:
             dev.revoked_at = time.time()
             return True
 
+    @retried
     def device_keys(self) -> dict[str, str]:
         """Public keys of devices that are enrolled and not revoked."""
         with self.session() as s:
             rows = s.execute(select(Device.id, Device.public_key).where(Device.revoked_at.is_(None)))
             return {r.id: r.public_key for r in rows}
 
+    @retried
     def devices(self) -> list[Device]:
         with self.session() as s:
             return list(s.scalars(select(Device).order_by(Device.id)))
 
     # tasks and rounds
+    @retried
     def get_task(self, task_id: str) -> Task | None:
         with self.session() as s:
             return s.get(Task, task_id)
 
+    @retried
     def add_task(self, task_id: str, definition: str) -> None:
-        with self.session() as s, s.begin():
-            s.add(Task(id=task_id, definition=definition))
+        try:
+            with self.session() as s, s.begin():
+                s.add(Task(id=task_id, definition=definition))
+        except IntegrityError:
+            if (existing := self.get_task(task_id)) is None or existing.definition != definition:
+                raise
 
+    @retried
     def set_task_status(self, task_id: str, status: str) -> None:
         with self.session() as s, s.begin():
             task = s.get(Task, task_id)
             if task is not None:
                 task.status = status
 
+    @retried
     def current_round(self, task_id: str) -> Round | None:
         with self.session() as s:
             return s.scalars(
                 select(Round).where(Round.task_id == task_id).order_by(Round.round.desc()).limit(1)
             ).first()
 
+    @retried
     def rounds(self, task_id: str) -> list[Round]:
         with self.session() as s:
             return list(s.scalars(select(Round).where(Round.task_id == task_id).order_by(Round.round)))
 
+    @retried
     def open_round(self, r: Round) -> None:
-        with self.session() as s, s.begin():
-            s.add(r)
+        try:
+            with self.session() as s, s.begin():
+                s.add(r)
+        except IntegrityError:
+            # Our own row, if a retried COMMIT had landed the first time; anything else is a real clash.
+            if (existing := self._round(r.task_id, r.round)) is None or existing.opened_at != r.opened_at:
+                raise
 
+    def _round(self, task_id: str, round_no: int) -> Round | None:
+        with self.session() as s:
+            return s.scalars(select(Round).where(Round.task_id == task_id, Round.round == round_no)).first()
+
+    @retried
     def update_round(self, task_id: str, round_no: int, **fields: Any) -> None:
         with self.session() as s, s.begin():
             r = s.scalars(select(Round).where(Round.task_id == task_id, Round.round == round_no)).one()
@@ -240,6 +274,7 @@ class Store:
                 setattr(r, k, v)
 
     # the task's coordinator (coordinator/lease.py)
+    @retried
     def set_lease_holder(self, task_id: str, holder: str) -> None:
         with self.session() as s, s.begin():
             row = s.get(TaskCoordinator, task_id)
@@ -248,11 +283,13 @@ class Store:
             else:
                 row.holder = holder
 
+    @retried
     def lease_holder(self, task_id: str) -> dict[str, object] | None:
         with self.session() as s:
             row = s.get(TaskCoordinator, task_id)
             return json.loads(row.holder) if row is not None and row.holder else None
 
+    @retried
     def bind_coordinator_key(self, task_id: str, fingerprint: str, work_dir: str) -> tuple[str, str] | None:
         """Record the task's coordinator key on first use; (fingerprint, work dir) on record if it differs."""
         with self.session() as s, s.begin():
@@ -265,6 +302,7 @@ class Store:
                 return None
             return None if row.key_fingerprint == fingerprint else (row.key_fingerprint, row.work_dir)
 
+    @retried
     def reopen_task(self, task_id: str, deadline: float) -> list[int]:
         """Set a failed or stuck task running again from its last checkpoint, in one transaction.
 
@@ -290,6 +328,7 @@ class Store:
             return reopened
 
     # updates
+    @retried
     def accept(self, task_id: str, round_no: int, update: StoredUpdate) -> bool:
         """Store an accepted update; False if this device already contributed to this round."""
         try:
@@ -312,20 +351,28 @@ class Store:
 
     def accepted(self, task_id: str, round_no: int) -> Iterator[StoredUpdate]:
         """Accepted updates in arrival order, one row at a time (bodies are not all held at once)."""
+        for seq in self._accepted_seqs(task_id, round_no):
+            yield self._accepted_row(seq)
+
+    @retried
+    def _accepted_seqs(self, task_id: str, round_no: int) -> list[int]:
         with self.session() as s:
-            seqs = list(
+            return list(
                 s.scalars(
                     select(AcceptedUpdate.seq)
                     .where(AcceptedUpdate.task_id == task_id, AcceptedUpdate.round == round_no)
                     .order_by(AcceptedUpdate.seq)
                 )
             )
-        for seq in seqs:
-            with self.session() as s:
-                row = s.get(AcceptedUpdate, seq)
-                assert row is not None
-                yield StoredUpdate(row.device_id, row.kind, row.n_samples, row.train_loss, row.body, row.meta)
 
+    @retried
+    def _accepted_row(self, seq: int) -> StoredUpdate:
+        with self.session() as s:
+            row = s.get(AcceptedUpdate, seq)
+            assert row is not None
+            return StoredUpdate(row.device_id, row.kind, row.n_samples, row.train_loss, row.body, row.meta)
+
+    @retried
     def accepted_devices(self, task_id: str, round_no: int) -> set[str]:
         with self.session() as s:
             return set(
@@ -336,15 +383,18 @@ class Store:
                 )
             )
 
+    @retried
     def reject(self, task_id: str, round_no: int | None, device_id: str, code: str, reason: str) -> None:
         with self.session() as s, s.begin():
             s.add(Rejection(task_id=task_id, round=round_no, device_id=device_id, code=code, reason=reason))
 
+    @retried
     def rejections(self, task_id: str) -> list[Rejection]:
         with self.session() as s:
             return list(s.scalars(select(Rejection).where(Rejection.task_id == task_id).order_by(Rejection.id)))
 
     # checkpoints and metrics
+    @retried
     def commit_round(
         self,
         task_id: str,
@@ -356,7 +406,29 @@ class Store:
         closed_at: float,
         meta: str = "{}",
     ) -> None:
-        """Checkpoint the new global model and mark the round committed, in one transaction."""
+        """Checkpoint the new global model and mark the round committed, in one transaction.
+
+        Idempotent: after a retry whose first COMMIT landed, finding this very checkpoint is success.
+        """
+        try:
+            self._commit_round(task_id, round_no, model_version, spec, model, strategy_state, closed_at, meta)
+        except IntegrityError:
+            existing = self.checkpoint(task_id, round_no)
+            if existing is None or existing.model_version != model_version:
+                raise
+            self.update_round(task_id, round_no, status="committed", closed_at=closed_at)
+
+    def _commit_round(
+        self,
+        task_id: str,
+        round_no: int,
+        model_version: str,
+        spec: str,
+        model: bytes,
+        strategy_state: bytes,
+        closed_at: float,
+        meta: str,
+    ) -> None:
         with self.session() as s, s.begin():
             s.add(
                 Checkpoint(
@@ -372,18 +444,21 @@ class Store:
             r = s.scalars(select(Round).where(Round.task_id == task_id, Round.round == round_no)).one()
             r.status, r.closed_at = "committed", closed_at
 
+    @retried
     def latest_checkpoint(self, task_id: str) -> Checkpoint | None:
         with self.session() as s:
             return s.scalars(
                 select(Checkpoint).where(Checkpoint.task_id == task_id).order_by(Checkpoint.round.desc()).limit(1)
             ).first()
 
+    @retried
     def checkpoint(self, task_id: str, round_no: int) -> Checkpoint | None:
         with self.session() as s:
             return s.scalars(
                 select(Checkpoint).where(Checkpoint.task_id == task_id, Checkpoint.round == round_no)
             ).first()
 
+    @retried
     def record_evaluation(self, evaluation: Evaluation) -> bool:
         """Store one site's evaluation of a model; False if that site already reported on it."""
         try:
@@ -393,6 +468,7 @@ class Store:
             return False
         return True
 
+    @retried
     def evaluations(self, task_id: str) -> list[Evaluation]:
         with self.session() as s:
             return list(
@@ -404,10 +480,12 @@ class Store:
             )
 
     # enrollment tokens (coordinator/enrollment.py): only their SHA-256 is stored
+    @retried
     def add_tokens(self, token_hashes: list[str], site: str, expires_at: float) -> None:
         with self.session() as s, s.begin():
             s.add_all(EnrollmentToken(token_hash=h, site=site, expires_at=expires_at) for h in token_hashes)
 
+    @retried
     def claim_token(self, token_hash: str, now: float) -> EnrollmentToken:
         """Mark a live token used, atomically (two requests with one token: one wins); raise if it is not live."""
         with self.session() as s, s.begin():
@@ -430,12 +508,14 @@ class Store:
                 raise CoordinatorError("FHAI-N032", "this enrollment token has expired: ask for a new one")
             return row
 
+    @retried
     def complete_token(self, token_hash: str, device_id: str, profile: str) -> None:
         with self.session() as s, s.begin():
             row = s.get(EnrollmentToken, token_hash)
             if row is not None:
                 row.device_id, row.profile = device_id, profile
 
+    @retried
     def release_token(self, token_hash: str) -> None:
         """Give a claimed token back (the enrollment failed on our side, not the device's)."""
         with self.session() as s, s.begin():
@@ -443,6 +523,7 @@ class Store:
             if row is not None and row.device_id is None:
                 row.used_at = None
 
+    @retried
     def live_tokens(self, now: float) -> int:
         with self.session() as s:
             return int(
@@ -454,10 +535,12 @@ class Store:
                 or 0
             )
 
+    @retried
     def tokens(self) -> list[EnrollmentToken]:
         with self.session() as s:
             return list(s.scalars(select(EnrollmentToken).order_by(EnrollmentToken.created_at)))
 
+    @retried
     def expire_tokens(self, hash_prefix: str, now: float) -> int:
         """End the life of the unused tokens whose hash starts with `hash_prefix` (as `tokens list` shows it)."""
         if len(hash_prefix) < 8:

@@ -18,6 +18,7 @@ from edge_runtime.mqtt import BrokerSettings
 from fhir_adapters.errors import FhirAdapterError
 
 console = Console(stderr=True)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -30,7 +31,7 @@ def setup_logging(log_file: Path | None, verbose: bool = False, progress: tuple[
     """
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = logging.Formatter(LOG_FORMAT)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(log_file)
@@ -38,7 +39,8 @@ def setup_logging(log_file: Path | None, verbose: bool = False, progress: tuple[
         root.addHandler(fh)
     sh = logging.StreamHandler(sys.stderr)
     sh.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    sh.setFormatter(fmt)
+    sh.setFormatter(fmt if verbose else _OneLine(LOG_FORMAT))
+    sh.addFilter(lambda record: getattr(record, "console", True))
     root.addHandler(sh)
     if progress and not verbose:
         shown = RichHandler(console=console, show_path=False, show_level=False, markup=False)
@@ -49,6 +51,24 @@ def setup_logging(log_file: Path | None, verbose: bool = False, progress: tuple[
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+class _OneLine(logging.Formatter):
+    """The console's log lines: one line each; a traceback goes to the log file only (-v shows it here too)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return super().format(record) + (f" (detail in {log_file_hint()})" if saved[0] else "")
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def log_file_hint() -> str:
+    """Where the detail of an error went: the log file, or how to see it when there is none."""
+    files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    return files[0] if files else "no log file: run again with -v"
+
+
 def friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn our errors (and a missing file) into one line on stderr and exit code 2."""
 
@@ -57,15 +77,17 @@ def friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except (EdgeError, FhirAdapterError, FileNotFoundError, PermissionError) as exc:
-            logging.getLogger("fhai").debug("command failed", exc_info=True)
+            # The traceback goes to the log file only: the console gets the one line below.
+            logging.getLogger("fhai").error("command failed: %s", exc, exc_info=True, extra={"console": False})
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(2) from None
         except (typer.Exit, typer.Abort, typer.BadParameter, KeyboardInterrupt):
             raise
         except Exception as exc:  # a bug or an unforeseen failure: still one line, the trace in the log
-            logging.getLogger("fhai").exception("unexpected error")
+            logging.getLogger("fhai").exception("unexpected error", extra={"console": False})
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             console.print(
-                f"[bold red]unexpected error:[/] {type(exc).__name__}: {exc} (traceback in the log file)",
+                f"[bold red]unexpected error:[/] {type(exc).__name__}: {first} (traceback in {log_file_hint()})",
                 soft_wrap=True,
             )
             raise typer.Exit(3) from None
