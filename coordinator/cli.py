@@ -97,6 +97,7 @@ def status(
 ) -> None:
     """Rounds, metrics and rejected updates of a task (read from the store; safe while it runs)."""
     from coordinator.report import metric_rows, rounds_table
+    from coordinator.store_faults import where
 
     setup_logging(work_dir / "coordinator.log")
     db = _open_store(store)
@@ -115,6 +116,7 @@ def status(
             str(r.extensions),
         )
     console.print(table)
+    console.print(f"store: {db.size_bytes() / 2**20:.1f} MB on disk ({where(db.engine.url)})")
     console.print(rounds_table(metric_rows(db.evaluations(task))))
     rejected = db.rejections(task)
     if rejected:

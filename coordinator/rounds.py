@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from coordinator.aggregation import Strategy, UpdateAccumulator, build_strategy
 from coordinator.aggregation.state import decode_state, encode_state
 from coordinator.errors import CoordinatorError, RejectedUpdateError
+from coordinator.retention import apply_retention
 from coordinator.store import Evaluation, Round, Store, StoredUpdate
 from coordinator.task import TaskDefinition
 from edge_runtime import codec, wire
@@ -121,7 +122,7 @@ class RoundManager:
             self.store.add_task(self.task.task, self.task.model_dump_json())
             log.info("task %s created", self.task.task)
             return  # round 0 opens on the first tick with enough devices online
-        if json.loads(existing.definition) != json.loads(self.task.model_dump_json()):
+        if TaskDefinition.model_validate_json(existing.definition) != self.task:  # settings added since: defaults
             raise CoordinatorError(
                 "FHAI-R001",
                 f"task {self.task.task} is already in the store with a different definition: "
@@ -496,6 +497,7 @@ class RoundManager:
                     "`fhai-coordinator export` can retry from the checkpoint",
                     row.round,
                 )
+        apply_retention(self.store, self.task.task, row.round, self.task.retention, self.spill_dir.parent / "exports")
 
     def _publish_artifacts(self, model: Model, round_no: int, n_updates: int) -> None:
         """Export the new global model for on-device inference and publish each format, retained."""

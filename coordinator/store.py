@@ -6,6 +6,7 @@ coordinator killed at any moment re-folds exactly the updates it had accepted wh
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import time
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     select,
@@ -32,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from coordinator.errors import CoordinatorError
-from coordinator.store_faults import retried
+from coordinator.store_faults import add_missing_columns, retried
 
 DEFAULT_RETRY_S = 60.0
 
@@ -86,9 +88,13 @@ class AcceptedUpdate(Base):
     kind: Mapped[str] = mapped_column(String(8))  # update or stats
     n_samples: Mapped[int] = mapped_column(Integer)
     train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
-    body: Mapped[bytes] = mapped_column(LargeBinary)
+    body: Mapped[bytes] = mapped_column(LargeBinary)  # empty once retention dropped it (coordinator/retention.py)
     meta: Mapped[str] = mapped_column(Text, default="{}")  # stats: the sender's columns and units (JSON)
     received_at: Mapped[float] = mapped_column(Float, default=time.time)
+    # Kept for audit when the body is dropped: which bytes were folded in.
+    body_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    body_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pruned_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Rejection(Base):
@@ -169,8 +175,11 @@ class Store:
             @event.listens_for(self.engine, "connect")
             def _pragmas(conn: Any, _record: Any) -> None:
                 cur = conn.cursor()
+                # Before the first table exists, so that pruned update bodies give their pages back to the disk.
+                cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=FULL")
+                cur.execute(f"PRAGMA journal_size_limit={64 * 2**20}")  # the WAL shrinks back after a round
                 cur.close()
 
         self._create_schema()
@@ -179,6 +188,61 @@ class Store:
     @retried
     def _create_schema(self) -> None:
         Base.metadata.create_all(self.engine)
+        add_missing_columns(self.engine, Base.metadata)
+
+    # disk
+    @retried
+    def prune_update_bodies(self, task_id: str, up_to_round: int) -> tuple[int, int]:
+        """Drop the bodies of committed rounds <= up_to_round (hash, size and metadata stay); (count, bytes)."""
+        with self.session() as s, s.begin():
+            committed = select(Round.round).where(
+                Round.task_id == task_id, Round.status == "committed", Round.round <= up_to_round
+            )
+            where = (
+                AcceptedUpdate.task_id == task_id,
+                AcceptedUpdate.round.in_(committed),
+                AcceptedUpdate.pruned_at.is_(None),
+            )
+            count, size = s.execute(
+                select(func.count(), func.coalesce(func.sum(func.length(AcceptedUpdate.body)), 0)).where(*where)
+            ).one()
+            s.execute(update(AcceptedUpdate).where(*where).values(body=b"", pruned_at=time.time()))
+            return int(count), int(size)
+
+    @retried
+    def prune_checkpoints(self, task_id: str, keep: int) -> list[int]:
+        """Delete all but the newest `keep` checkpoints of the task; returns the rounds deleted."""
+        with self.session() as s, s.begin():
+            rounds = list(s.scalars(select(Checkpoint.round).where(Checkpoint.task_id == task_id)))
+            doomed = sorted(rounds)[:-keep]
+            if doomed:
+                s.execute(delete(Checkpoint).where(Checkpoint.task_id == task_id, Checkpoint.round.in_(doomed)))
+            return doomed
+
+    def reclaim_space(self) -> None:
+        """SQLite: give freed pages back to the file system (PostgreSQL's autovacuum reuses them by itself)."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        raw = self.engine.raw_connection()
+        try:
+            sqlite = raw.driver_connection
+            assert sqlite is not None
+            # executescript steps the pragma to completion (execute() stops after its first page).
+            sqlite.executescript("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(TRUNCATE);")
+        finally:
+            raw.close()
+
+    @retried
+    def size_bytes(self) -> int:
+        """What the store takes on disk: the SQLite file and its WAL, or the PostgreSQL database."""
+        if self.engine.dialect.name == "sqlite":
+            database = self.engine.url.database
+            if not database or database == ":memory:":
+                return 0
+            files = [Path(database), Path(database + "-wal")]
+            return sum(f.stat().st_size for f in files if f.exists())
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.pg_database_size(func.current_database()))).scalar_one())
 
     def session(self) -> Session:
         return self._session()
@@ -343,6 +407,8 @@ class Store:
                         train_loss=update.train_loss,
                         body=update.body,
                         meta=update.meta,
+                        body_sha256=hashlib.sha256(update.body).hexdigest(),
+                        body_bytes=len(update.body),
                     )
                 )
         except IntegrityError:

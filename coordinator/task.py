@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from coordinator.aggregation import build_strategy
 from coordinator.errors import CoordinatorError
+from coordinator.retention import Retention
 from edge_runtime.messages import CodecSettings
 from edge_runtime.model import ModelSpec
 from edge_runtime.trainer import TrainConfig
@@ -53,6 +54,7 @@ class TaskDefinition(BaseModel):
     train: dict[str, Any] = Field(default_factory=dict)
     codec: CodecSettings = Field(default_factory=CodecSettings)
     export: ExportSection = Field(default_factory=ExportSection)
+    retention: Retention = Field(default_factory=Retention)
     seed: int = 0
 
     @model_validator(mode="after")
