@@ -11,9 +11,11 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
+from coordinator.errors import CoordinatorError
 from coordinator.security_cli import DEFAULT_BROKER_DIR, register_security_commands, revoke_broker_account
 from coordinator.store import Store as StoreClass
 from edge_runtime.console import broker_settings, console, friendly_errors, parse_broker, setup_logging
+from edge_runtime.errors import EdgeError
 
 app = typer.Typer(help="FH-AI coordinator: rounds, aggregation, model export.")
 devices_app = typer.Typer(help="Enrolled devices")
@@ -214,6 +216,33 @@ def devices_add(
     public_from_hex(public_key)
     _open_store(store).add_device(device_id, public_key, site)
     console.print(f"device {device_id} added")
+
+
+@devices_app.command("import")
+@friendly_errors
+def devices_import(
+    keys_file: Annotated[
+        Path, typer.Argument(help="CSV of device_id,public_key lines (e.g. `fhai-edge simulate --keys-out`)")
+    ],
+    site: Annotated[str, typer.Option(help="Hospital / site name for all of them")] = "",
+    store: Store = DEFAULT_STORE,
+) -> None:
+    """Register many devices' signing keys at once."""
+    from edge_runtime.keys import public_from_hex
+    from edge_runtime.wire import check_device_id
+
+    rows = []
+    for number, line in enumerate(keys_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        device_id, _, key = line.strip().partition(",")
+        try:
+            check_device_id(device_id)
+            public_from_hex(key)
+        except EdgeError as exc:
+            raise CoordinatorError("FHAI-S706", f"{keys_file}:{number}: {exc.message}") from exc
+        rows.append((device_id, key))
+    console.print(f"{_open_store(store).add_devices(rows, site)} devices added")
 
 
 @devices_app.command("list")

@@ -262,6 +262,23 @@ class Store:
                 existing.public_key, existing.site, existing.revoked_at = public_key, site, None
 
     @retried
+    def add_devices(self, devices: list[tuple[str, str]], site: str = "") -> int:
+        """Enroll many (device id, public key) pairs in one transaction, by `add_device`'s rules; returns how many."""
+        with self.session() as s, s.begin():
+            existing = {d.id: d for d in s.scalars(select(Device).where(Device.id.in_([d for d, _ in devices])))}
+            for device_id, public_key in devices:
+                known = existing.get(device_id)
+                if known is not None and known.public_key != public_key and known.revoked_at is None:
+                    raise CoordinatorError(
+                        "FHAI-S001", f"device {device_id} is already enrolled with another key: revoke it first"
+                    )
+                if known is None:
+                    s.add(Device(id=device_id, public_key=public_key, site=site))
+                else:
+                    known.public_key, known.site, known.revoked_at = public_key, site, None
+            return len(devices)
+
+    @retried
     def revoke_device(self, device_id: str) -> bool:
         with self.session() as s, s.begin():
             dev = s.get(Device, device_id)
