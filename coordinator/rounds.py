@@ -246,19 +246,21 @@ class RoundManager:
         device = wire.device_from_topic(topic)
         round_no = self.state.row.round if self.state else None
         try:
-            update, header_round = self._validate(device, payload)
+            update, header_round, delta = self._validate(device, payload)
         except (RejectedUpdateError, wire.WireError, codec.CodecError) as exc:
             log.warning("rejected update from %s: %s", device, exc)
             self.store.reject(self.task.task, round_no, device, exc.code, exc.message)
             return False
         assert self.state is not None
-        if not self.store.accept(self.task.task, header_round, update) and update.device_id in self.state.accepted:
-            # A QoS 1 redelivery or a replay: the first copy already counts, this one must not. (Stored but
-            # not folded is this very update, whose COMMIT landed before a store outage hid it: it counts.)
+        # `accepted` is exactly what the store holds for the open round (the restart re-folds it all, and one
+        # coordinator holds the task's lease), so a redelivery or a replay is caught here, before any I/O.
+        if update.device_id in self.state.accepted:
             log.info("duplicate update from %s for round %d ignored", device, header_round)
             self.store.reject(self.task.task, header_round, device, "FHAI-R010", "duplicate of an accepted update")
             return False
-        self._fold(update)
+        # False would be this very update, whose COMMIT landed before a store outage hid it: it counts once.
+        self.store.accept(self.task.task, header_round, update)
+        self._fold(update, delta)
         log.info(
             "accepted %s from %s (%d samples), %d/%d",
             update.kind,
@@ -269,7 +271,7 @@ class RoundManager:
         )
         return True
 
-    def _validate(self, device: str, payload: bytes) -> tuple[StoredUpdate, int]:
+    def _validate(self, device: str, payload: bytes) -> tuple[StoredUpdate, int, np.ndarray | None]:
         if len(payload) > self.max_update_bytes():
             raise RejectedUpdateError(
                 "FHAI-R002", f"payload of {len(payload)} bytes exceeds this task's limit of {self.max_update_bytes()}"
@@ -306,7 +308,7 @@ class RoundManager:
                 )
             stats_from_body(frame.body, stats.n_features)
             meta = json.dumps({"columns": stats.columns, "units": stats.units})
-            return StoredUpdate(device, "stats", stats.n, None, frame.body, meta), row.round
+            return StoredUpdate(device, "stats", stats.n, None, frame.body, meta), row.round, None
         if frame.kind != "update":
             raise RejectedUpdateError("FHAI-R008", f"round {row.round} collects updates, got a {frame.kind} frame")
         header = parse_header(frame, UpdateHeader)
@@ -317,12 +319,14 @@ class RoundManager:
         if header.n_samples > MAX_SAMPLES_PER_UPDATE:
             raise RejectedUpdateError("FHAI-R012", f"implausible sample count {header.n_samples}")
         assert self.model is not None
-        delta = codec.decode(frame.body, expected_n=self.model.params.size)
+        # The signature verified these exact bytes: the body's CRC could catch nothing more.
+        delta = codec.decode(frame.body, expected_n=self.model.params.size, check_crc=False)
         if not np.isfinite(delta).all():
             raise RejectedUpdateError("FHAI-R013", "update holds non-finite values")
-        return StoredUpdate(device, "update", header.n_samples, header.train_loss, frame.body), row.round
+        return StoredUpdate(device, "update", header.n_samples, header.train_loss, frame.body), row.round, delta
 
-    def _fold(self, update: StoredUpdate) -> None:
+    def _fold(self, update: StoredUpdate, delta: np.ndarray | None = None) -> None:
+        """Fold an accepted update; `delta` is its decoded body when validation already decoded it."""
         assert self.state is not None
         self.state.accepted.add(update.device_id)
         if update.kind == "stats":
@@ -333,7 +337,9 @@ class RoundManager:
             self.state.stats.columns, self.state.stats.units = meta["columns"], meta["units"]
         else:
             assert self.state.accumulator is not None and self.model is not None
-            self.state.accumulator.add(codec.decode(update.body, self.model.params.size), float(update.n_samples))
+            if delta is None:
+                delta = codec.decode(update.body, self.model.params.size)
+            self.state.accumulator.add(delta, float(update.n_samples))
 
     def _refold(self) -> None:
         """After a restart: fold the round's accepted updates again, in their arrival order."""

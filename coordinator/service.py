@@ -27,6 +27,7 @@ from edge_runtime.mqtt import BrokerSettings, Connection, Inbound, connect
 log = logging.getLogger("fhai.coordinator")
 
 KEY_REFRESH_S = 2.0
+MAX_BATCH = 64  # messages stored with one disk sync (group commit) and acknowledged together
 
 
 class CoordinatorService:
@@ -61,6 +62,20 @@ class CoordinatorService:
             self.manager.handle_update(msg.topic, msg.payload)
         elif len(parts) == 6 and parts[4] == "eval":
             self.manager.handle_eval(msg.topic, msg.payload)
+
+    @staticmethod
+    def _next_batch(conn: Connection) -> list[Inbound]:
+        """What is waiting in the inbox (at least one message, or none after 0.1 s), up to MAX_BATCH."""
+        try:
+            batch = [conn.inbox.get(timeout=0.1)]
+        except queue.Empty:
+            return []
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(conn.inbox.get_nowait())
+            except queue.Empty:
+                break
+        return batch
 
     def run(
         self,
@@ -108,13 +123,12 @@ class CoordinatorService:
                     self.manager.refresh_keys()  # devices enrolled or revoked meanwhile
                     lease.check()
                     last_keys = time.monotonic()
-                try:
-                    msg = self.conn.inbox.get(timeout=0.1)
-                except queue.Empty:
-                    msg = None
-                if msg is not None:
-                    self._dispatch(msg)
-                    self.conn.ack(msg)  # only now: what it carried is in the store
+                batch = self._next_batch(self.conn)
+                with self.store.group_commit():  # one disk sync for the whole batch
+                    for msg in batch:
+                        self._dispatch(msg)
+                for msg in batch:
+                    self.conn.ack(msg)  # only now: what they carried is in the store
                 self.manager.tick()
                 if on_tick is not None:
                     on_tick(self.manager)

@@ -11,6 +11,7 @@ import hmac
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     select,
     update,
 )
@@ -169,6 +171,7 @@ class Store:
         self.engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
         self.retry_s = retry_s  # how long a transient fault (PostgreSQL down) is retried before giving up
         self.retried_calls = 0
+        self._group: list[dict[str, Any]] | None = None  # rows of the open group_commit()
         if url.startswith("sqlite"):
             # WAL so the status CLI can read while the coordinator writes; sync on commit so an
             # accepted update survives a SIGKILL.
@@ -409,28 +412,72 @@ class Store:
             return reopened
 
     # updates
-    @retried
     def accept(self, task_id: str, round_no: int, update: StoredUpdate) -> bool:
-        """Store an accepted update; False if this device already contributed to this round."""
+        """Store an accepted update; False if this device already contributed to this round.
+
+        Inside `group_commit()` the row only joins the group (True): it is durable once the group commits.
+        """
+        row = {
+            "task_id": task_id,
+            "round": round_no,
+            "device_id": update.device_id,
+            "kind": update.kind,
+            "n_samples": update.n_samples,
+            "train_loss": update.train_loss,
+            "body": update.body,
+            "meta": update.meta,
+            "received_at": time.time(),
+            "body_sha256": hashlib.sha256(update.body).hexdigest(),
+            "body_bytes": len(update.body),
+        }
+        if self._group is not None:
+            self._group.append(row)
+            return True
+        return self._insert_updates([row]) == 1
+
+    @contextmanager
+    def group_commit(self) -> Iterator[None]:
+        """Accepted updates inside the block are written in one transaction, one sync, when it ends.
+
+        The service acknowledges the messages of a group to the broker only after this returns: one disk
+        sync per group instead of one per update, and nothing acknowledged before it is durable.
+        """
+        if self._group is not None:
+            yield  # already in a group: the outer one commits
+            return
+        self._group = []
         try:
-            with self.session() as s, s.begin():
-                s.add(
-                    AcceptedUpdate(
-                        task_id=task_id,
-                        round=round_no,
-                        device_id=update.device_id,
-                        kind=update.kind,
-                        n_samples=update.n_samples,
-                        train_loss=update.train_loss,
-                        body=update.body,
-                        meta=update.meta,
-                        body_sha256=hashlib.sha256(update.body).hexdigest(),
-                        body_bytes=len(update.body),
-                    )
-                )
+            yield
+            if self._group:
+                self._insert_updates(self._group)
+        finally:
+            self._group = None
+
+    @retried
+    def _insert_updates(self, rows: list[dict[str, Any]]) -> int:
+        """Insert rows in one transaction (one executemany); rows whose (task, round, device) is stored are skipped.
+
+        Skipping makes a retry after a COMMIT that landed unseen harmless; returns how many were new.
+        """
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(AcceptedUpdate), rows)
+            return len(rows)
         except IntegrityError:
-            return False
-        return True
+            pass
+        with self.engine.begin() as conn:
+            stored = set(
+                conn.execute(
+                    select(AcceptedUpdate.round, AcceptedUpdate.device_id).where(
+                        AcceptedUpdate.task_id == rows[0]["task_id"],
+                        AcceptedUpdate.round.in_({r["round"] for r in rows}),
+                    )
+                ).tuples()
+            )
+            new = [r for r in rows if (r["round"], r["device_id"]) not in stored]
+            if new:
+                conn.execute(insert(AcceptedUpdate), new)
+            return len(new)
 
     def accepted(self, task_id: str, round_no: int) -> Iterator[StoredUpdate]:
         """Accepted updates in arrival order, one row at a time (bodies are not all held at once)."""

@@ -268,12 +268,17 @@ def _check_block_size(block_size: int) -> None:
 
 
 def decode(
-    body: bytes | bytearray | memoryview, expected_n: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES
+    body: bytes | bytearray | memoryview,
+    expected_n: int | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    check_crc: bool = True,
 ) -> np.ndarray:
     """The float32 vector in `body`, after checking everything; raises CodecError on any inconsistency.
 
     `expected_n` is the parameter count of the round's model; `max_bytes` bounds the body, the
     decompressed payload and the decoded vector, so a small body cannot make the decoder allocate much.
+    `check_crc=False` only where a verified signature already covers these exact bytes (the coordinator's
+    update path): it cannot catch anything the signature did not, and costs a pass over the body.
     """
     if not isinstance(body, bytes | bytearray | memoryview):
         raise CodecError("FHAI-C001", f"an update body is bytes, got {type(body).__name__}")
@@ -324,7 +329,7 @@ def decode(
             "FHAI-C010", f"{n} parameters would decode to {4 * n} bytes, over the limit of {max_bytes} bytes"
         )
     payload = view[HEADER_SIZE:]
-    if zlib.crc32(payload, zlib.crc32(view[: HEADER_SIZE - 4])) != crc:
+    if check_crc and zlib.crc32(payload, zlib.crc32(view[: HEADER_SIZE - 4])) != crc:
         raise CodecError("FHAI-C008", "body checksum mismatch: the update was corrupted in transit; resend it")
     if flags & FLAG_ZSTD:
         payload = memoryview(_decompress(payload, payload_size))
