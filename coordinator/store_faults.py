@@ -13,8 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
-from sqlalchemy import MetaData, inspect
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from coordinator.errors import CoordinatorError
@@ -120,19 +119,3 @@ def retried(fn: Callable[P, R]) -> Callable[P, R]:
             return result
 
     return wrapper
-
-
-def add_missing_columns(engine: Engine, metadata: MetaData) -> None:
-    """Add the nullable columns a newer version declares to a store an older one created (no other migration)."""
-    inspector = inspect(engine)
-    existing_tables = set(inspector.get_table_names())
-    with engine.begin() as conn:
-        for table in metadata.sorted_tables:
-            if table.name not in existing_tables:
-                continue
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in present and column.nullable:
-                    kind = column.type.compile(dialect=engine.dialect)
-                    conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
-                    log.info("store: added column %s.%s", table.name, column.name)
