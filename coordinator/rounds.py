@@ -540,7 +540,7 @@ class RoundManager:
     def _final_evals_in(self) -> bool:
         assert self.model is not None and self.state is not None
         version = self.model.version()
-        reported = {e.device_id for e in self.store.evaluations(self.task.task) if e.model_version == version}
+        reported = self.store.evaluated_devices(self.task.task, version)
         return set(self.state.cohort) <= reported
 
     def status(self) -> dict[str, Any]:

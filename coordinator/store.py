@@ -493,6 +493,18 @@ class Store:
         return True
 
     @retried
+    def evaluated_devices(self, task_id: str, model_version: str) -> set[str]:
+        """The devices that reported on one model (ids only: the final round asks this after every message)."""
+        with self.session() as s:
+            return set(
+                s.scalars(
+                    select(Evaluation.device_id).where(
+                        Evaluation.task_id == task_id, Evaluation.model_version == model_version
+                    )
+                )
+            )
+
+    @retried
     def evaluations(self, task_id: str) -> list[Evaluation]:
         with self.session() as s:
             return list(
