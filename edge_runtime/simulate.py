@@ -162,6 +162,8 @@ class Fleet:
 
     def start(self, connect_timeout_s: float = 120.0) -> Fleet:
         """Connect every device (persistent sessions), then serve rounds in the background."""
+        # Load the codec's compiled kernels now, not in the first training round (seconds on a busy machine).
+        codec.decode(codec.encode(np.zeros(8, np.float32), 8, np.random.default_rng(0)), 8)
         for loop in self.loops:
             loop.start()
         for w in self._workers:
