@@ -69,6 +69,15 @@ def log_file_hint() -> str:
     return files[0] if files else "no log file: run again with -v"
 
 
+def _detail_to_log_file(message: str) -> None:
+    """The current exception's traceback, to the log file only; without a log file it is dropped (-v shows it).
+
+    Never to the console: with no handler at all, Python's last-resort handler would print it there.
+    """
+    if any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers):
+        logging.getLogger("fhai").error(message, exc_info=True, extra={"console": False})
+
+
 def friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn our errors (and a missing file) into one line on stderr and exit code 2."""
 
@@ -77,14 +86,13 @@ def friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except (EdgeError, FhirAdapterError, FileNotFoundError, PermissionError) as exc:
-            # The traceback goes to the log file only: the console gets the one line below.
-            logging.getLogger("fhai").error("command failed: %s", exc, exc_info=True, extra={"console": False})
+            _detail_to_log_file(f"command failed: {exc}")
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(2) from None
         except (typer.Exit, typer.Abort, typer.BadParameter, KeyboardInterrupt):
             raise
         except Exception as exc:  # a bug or an unforeseen failure: still one line, the trace in the log
-            logging.getLogger("fhai").exception("unexpected error", extra={"console": False})
+            _detail_to_log_file("unexpected error")
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             console.print(
                 f"[bold red]unexpected error:[/] {type(exc).__name__}: {first} (traceback in {log_file_hint()})",

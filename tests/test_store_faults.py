@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -104,3 +106,29 @@ def test_a_read_only_sqlite_store_is_one_coded_line(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "FHAI-S711" in result.output and "write access" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_real_cli_prints_one_line_on_a_store_fault(tmp_path: Path) -> None:
+    """As a user runs it (no test logging around it): one coded line on stderr, no traceback anywhere."""
+    db = tmp_path / "fhai.db"
+    Store(f"sqlite:///{db}")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "devices",
+            "add",
+            "dev-b",
+            "--public-key",
+            "11" * 32,
+            "--store",
+            f"sqlite:///file:{db}?mode=ro&uri=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "FHAI-S711" in lines[0], done.stdout + done.stderr
