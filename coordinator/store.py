@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.errors import CoordinatorError
+from coordinator.segments import SegmentFiles
 from coordinator.store_faults import retried
 from coordinator.store_schema import (
     AcceptedUpdate,
@@ -66,6 +67,10 @@ class Store:
         self.retry_s = retry_s  # how long a transient fault (PostgreSQL down) is retried before giving up
         self.retried_calls = 0
         self._group: list[dict[str, Any]] | None = None  # rows of the open group_commit()
+        database = self.engine.url.database
+        self.segments: SegmentFiles | None = None  # SQLite file stores keep update bodies in segment files
+        if url.startswith("sqlite") and database and database != ":memory:" and not database.startswith("file:"):
+            self.segments = SegmentFiles(Path(database + ".segments"))
         if url.startswith("sqlite"):
             # WAL so the status CLI can read while the coordinator writes; sync on commit so an
             # accepted update survives a SIGKILL.
@@ -101,10 +106,14 @@ class Store:
                 AcceptedUpdate.pruned_at.is_(None),
             )
             count, size = s.execute(
-                select(func.count(), func.coalesce(func.sum(func.length(AcceptedUpdate.body)), 0)).where(*where)
+                select(func.count(), func.coalesce(func.sum(AcceptedUpdate.body_bytes), 0)).where(*where)
             ).one()
+            rounds = set(s.scalars(select(AcceptedUpdate.round).where(*where).distinct()))
             s.execute(update(AcceptedUpdate).where(*where).values(body=b"", pruned_at=time.time()))
-            return int(count), int(size)
+        if self.segments is not None:
+            for round_no in rounds:  # after the commit: a crash before it leaves the bodies readable
+                self.segments.drop(task_id, round_no)
+        return int(count), int(size or 0)
 
     @retried
     def prune_checkpoints(self, task_id: str, keep: int) -> list[int]:
@@ -131,13 +140,14 @@ class Store:
 
     @retried
     def size_bytes(self) -> int:
-        """What the store takes on disk: the SQLite file and its WAL, or the PostgreSQL database."""
+        """What the store takes on disk: the SQLite file, its WAL and segments, or the PostgreSQL database."""
         if self.engine.dialect.name == "sqlite":
             database = self.engine.url.database
             if not database or database == ":memory:":
                 return 0
             files = [Path(database), Path(database + "-wal")]
-            return sum(f.stat().st_size for f in files if f.exists())
+            segments = self.segments.size_bytes() if self.segments is not None else 0
+            return segments + sum(f.stat().st_size for f in files if f.exists())
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.pg_database_size(func.current_database()))).scalar_one())
 
@@ -323,11 +333,15 @@ class Store:
             "received_at": time.time(),
             "body_sha256": hashlib.sha256(update.body).hexdigest(),
             "body_bytes": len(update.body),
+            "segment_offset": None,
         }
+        if self.segments is not None:
+            row["segment_offset"] = self.segments.append(task_id, round_no, update.body)
+            row["body"] = b""
         if self._group is not None:
             self._group.append(row)
             return True
-        return self._insert_updates([row]) == 1
+        return self._commit_updates([row]) == 1
 
     @contextmanager
     def group_commit(self) -> Iterator[None]:
@@ -343,9 +357,15 @@ class Store:
         try:
             yield
             if self._group:
-                self._insert_updates(self._group)
+                self._commit_updates(self._group)
         finally:
             self._group = None
+
+    def _commit_updates(self, rows: list[dict[str, Any]]) -> int:
+        """The bodies' segments synced first, then the rows that point into them committed."""
+        if self.segments is not None:
+            self.segments.sync()
+        return self._insert_updates(rows)
 
     @retried
     def _insert_updates(self, rows: list[dict[str, Any]]) -> int:
@@ -394,7 +414,11 @@ class Store:
         with self.session() as s:
             row = s.get(AcceptedUpdate, seq)
             assert row is not None
-            return StoredUpdate(row.device_id, row.kind, row.n_samples, row.train_loss, row.body, row.meta)
+        body = row.body
+        if row.segment_offset is not None and row.pruned_at is None:
+            assert self.segments is not None and row.body_bytes is not None
+            body = self.segments.read(row.task_id, row.round, row.segment_offset, row.body_bytes, row.body_sha256)
+        return StoredUpdate(row.device_id, row.kind, row.n_samples, row.train_loss, body, row.meta)
 
     @retried
     def accepted_devices(self, task_id: str, round_no: int) -> set[str]:

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import (
+    BigInteger,
     Engine,
     Float,
     ForeignKey,
@@ -77,6 +78,8 @@ class AcceptedUpdate(Base):
     received_at: Mapped[float] = mapped_column(Float, default=time.time)
     # Kept for audit when the body is dropped: which bytes were folded in.
     body_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # SQLite stores: the body is at this offset of its round's segment file (coordinator/segments.py), not in `body`.
+    segment_offset: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     body_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
     pruned_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 

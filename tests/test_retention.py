@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
 from coordinator.cli import app
+from coordinator.errors import CoordinatorError
 from coordinator.retention import prune_exports
 from coordinator.store import AcceptedUpdate, Round, Store, StoredUpdate
 from edge_runtime.messages import model_from_body
@@ -118,3 +119,29 @@ def test_status_shows_the_stores_size(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     line = next(line for line in result.output.splitlines() if line.startswith("store:"))
     assert float(line.split()[1]) == pytest.approx(rig.store.size_bytes() / 2**20, abs=0.1)
+
+
+def test_an_open_rounds_bodies_live_in_a_segment_file_checked_on_the_way_back(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.manager.tick()
+    for d in DEVICES:
+        assert rig.stats(d)
+    rig.manager.tick()
+    rig.manager.tick()  # round 1 open
+    assert rig.update("dev-a") and rig.update("dev-b")
+    segments = rig.store.segments
+    assert segments is not None
+    segment = segments.path("rig", 1)
+    with rig.store.session() as s:
+        rows = list(s.query(AcceptedUpdate).filter_by(task_id="rig", round=1))
+    assert all(r.body == b"" and r.segment_offset is not None for r in rows)  # the database holds no body
+    assert segment.stat().st_size == sum(r.body_bytes or 0 for r in rows)
+    assert not segments.path("rig", 0).exists()  # round 0 committed: its segment went with its bodies
+    rig.restart()  # re-folds round 1 from the segment
+    assert rig.manager.state is not None and rig.manager.state.accepted == {"dev-a", "dev-b"}
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    with pytest.raises(CoordinatorError) as err:
+        rig.restart()
+    assert err.value.code == "FHAI-S715" and str(segment) in err.value.message
