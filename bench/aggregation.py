@@ -124,12 +124,13 @@ def coordinator_child(k: int, folder: Path, layout: dict[str, Any], work: Path) 
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from coordinator.aggregation import build_strategy, encode_state
     from coordinator.demo import TASK_FILE
     from coordinator.rounds import RoundManager
     from coordinator.service import MAX_BATCH
     from coordinator.store import Round, Store
     from coordinator.task import TaskDefinition, load_task
-    from edge_runtime import wire
+    from edge_runtime import codec, wire
     from edge_runtime.keys import public_hex
     from edge_runtime.messages import model_body
     from edge_runtime.simulate import device_key
@@ -146,9 +147,9 @@ def coordinator_child(k: int, folder: Path, layout: dict[str, Any], work: Path) 
     store.add_task(TASK, task.model_dump_json())
     store.open_round(Round(task_id=TASK, round=0, phase="stats", status="collecting", model_version="none",
                            cohort="[]", deadline=0.0))  # fmt: skip
-    store.commit_round(TASK, 0, model.version(), _json.dumps(model.spec.to_dict()), model_body(model),
-                       __import__("coordinator.aggregation", fromlist=["encode_state"]).encode_state(
-                           {"strategy": np.asarray("fedavg")}), time.time())  # fmt: skip
+    state = encode_state({"strategy": np.asarray("fedavg")})
+    store.commit_round(TASK, 0, model.version(), _json.dumps(model.spec.to_dict()), model_body(model), state,
+                       time.time())  # fmt: skip
     manager = RoundManager(store, task, Ed25519PrivateKey.generate(), lambda *_: None, work / "spill")
     manager.start()
     for d in ids:
@@ -162,6 +163,11 @@ def coordinator_child(k: int, folder: Path, layout: dict[str, Any], work: Path) 
         manager.tick()
         print(f"round could not be announced: {exc}", file=sys.stderr)
     assert manager.state is not None and manager.state.row.round == 1
+    # Warm-up on a tiny vector: loads the codec's and the fold's compiled kernels, as a running coordinator has.
+    with build_strategy("fedavg").new_accumulator(512) as acc:
+        acc.add(
+            codec.decode(codec.encode(np.ones(512, np.float32), 8, np.random.default_rng(0), compress=True), 512), 1.0
+        )
     rss_before = rss_mb()
     handle_s = 0.0
     batch: list[tuple[str, bytes]] = []
@@ -298,6 +304,7 @@ def main() -> None:
     parser.add_argument("--flower-python", default=None, help="a Python interpreter with flwr installed")
     parser.add_argument("--quick", action="store_true", help="a small smoke run; writes no docs")
     parser.add_argument("--work-dir", type=Path, default=None, help="where frames and stores go")
+    parser.add_argument("--frames-dir", type=Path, default=None, help="keep the frames here and reuse them next time")
     args = parser.parse_args()
     if args.quick:
         args.n_params, args.counts, args.repeats, args.large_repeats = 40_000, [20, 200], 1, 1
@@ -305,11 +312,22 @@ def main() -> None:
     largest = counts[-1]
 
     root = tempfile.TemporaryDirectory(prefix="fhai-bench-agg-", dir=args.work_dir)
-    folder = Path(root.name)
+    folder = args.frames_dir or Path(root.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = folder / "layout.json"
     t0 = time.perf_counter()
-    layout = write_frames(folder, args.n_params, largest, seed=42)
-    print(f"wrote {largest} frames (bodies of ~{layout['body_bytes']} bytes) in {time.perf_counter() - t0:.0f}s",
-          flush=True)  # fmt: skip
+    if (
+        saved.exists()
+        and json.loads(saved.read_text())["count"] >= largest
+        and json.loads(saved.read_text())["n_params"] == global_model(width_for(args.n_params)).params.size
+    ):
+        layout = json.loads(saved.read_text())
+        print(f"reusing {layout['count']} frames in {folder}", flush=True)
+    else:
+        layout = write_frames(folder, args.n_params, largest, seed=42)
+        saved.write_text(json.dumps(layout))
+        print(f"wrote {largest} frames (bodies of ~{layout['body_bytes']} bytes) in {time.perf_counter() - t0:.0f}s",
+              flush=True)  # fmt: skip
 
     flower = args.flower_python
     if flower is not None and subprocess.run([flower, "-c", "import flwr"], capture_output=True).returncode != 0:
@@ -325,7 +343,7 @@ def main() -> None:
             kind, strategy, k = case
             if k == largest and repeat >= args.large_repeats and kind == "coordinator":
                 continue
-            work = Path(tempfile.mkdtemp(prefix=f"{kind}-{k}-", dir=folder))
+            work = Path(tempfile.mkdtemp(prefix=f"{kind}-{k}-", dir=root.name))
             if kind == "coordinator":
                 r = run_child(["coordinator", str(k), str(folder), json.dumps(layout), str(work)])
             elif kind == "decode_fold":
