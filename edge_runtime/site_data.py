@@ -1,23 +1,24 @@
-"""Where a device's records come from: a FHIR R4 server (mirrored locally, synced incrementally by
-_lastUpdated), or a folder of Bulk ndjson files or Bundles. Records never leave the device."""
+"""Where a device's records come from: a FHIR R4 server (mirrored locally: what the task's spec needs,
+synced incrementally, deletions included), or a folder of Bulk ndjson files or Bundles. Records never
+leave the device."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import orjson
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from edge_runtime.errors import ConfigError
 from fhir_adapters.auth import BearerAuth
 from fhir_adapters.client import FhirClient
-from fhir_adapters.features import USED_TYPES, FeatureTable, build_feature_table
+from fhir_adapters.features import FeatureTable, build_feature_table
 from fhir_adapters.featurespec import FeatureSpec
+from fhir_adapters.mirror import MirrorSource, MirrorStore
+from fhir_adapters.mirror_sync import MirrorSync, SyncOptions, SyncReport
+from fhir_adapters.needs import needs_for
 from fhir_adapters.sources import BundleDirSource, NdjsonDirSource, ResourceSource
-from fhir_adapters.sync import SyncCursor
 
 log = logging.getLogger("fhai.edge.data")
 
@@ -29,7 +30,8 @@ class SourceConfig(BaseModel):
     location: str  # base URL or folder
     token_file: str | None = None  # bearer token for the FHIR server, read from a file (mode 0600)
     ca_bundle: str | None = None
-    page_size: int = 500
+    page_size: int = Field(default=500, ge=1, le=1000)
+    bulk: Literal["auto", "always", "never"] = "auto"  # first sync by Bulk $export (see SyncOptions.bulk)
 
     @classmethod
     def parse(cls, text: str, token_file: str | None = None, ca_bundle: str | None = None) -> SourceConfig:
@@ -44,17 +46,18 @@ class SourceConfig(BaseModel):
 
 
 class FhirMirror:
-    """A local copy of the server's Patient/Observation/Condition resources, refreshed incrementally.
-
-    Each pass asks only for what changed since the persisted cursor, so round after round the server
-    sees small queries; the mirror keeps the latest version of each resource by id.
-    """
+    """The device's copy of what its task's spec needs from the hospital's FHIR server: one SQLite file
+    (fhir_adapters.mirror) that fhir_adapters.mirror_sync keeps equal to the server, deletions included.
+    Each refresh asks only for what changed since the last one."""
 
     def __init__(self, cfg: SourceConfig, folder: Path) -> None:
         self.cfg = cfg
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.cursor_file = folder / "cursors.json"
+        self.path = folder / "mirror.sqlite3"
+        self.last_report: SyncReport | None = None
+        for old in [*folder.glob("*.ndjson"), folder / "cursors.json"]:  # the ndjson mirror of earlier versions
+            old.unlink(missing_ok=True)
 
     def _client(self) -> FhirClient:
         auth = None
@@ -62,43 +65,16 @@ class FhirMirror:
             auth = BearerAuth(Path(self.cfg.token_file).read_text().strip())
         return FhirClient(self.cfg.location, auth=auth, verify=self.cfg.ca_bundle or True)
 
-    def _load(self, rtype: str) -> dict[str, bytes]:
-        path = self.folder / f"{rtype}.ndjson"
-        if not path.exists():
-            return {}
-        out: dict[str, bytes] = {}
-        for line in path.read_bytes().splitlines():
-            if line.strip():
-                out[str(orjson.loads(line)["id"])] = line
-        return out
-
-    def refresh(self) -> dict[str, int]:
-        """Pull what changed since the last pass; returns the count of new or changed resources by type."""
-        cursors: dict[str, Any] = json.loads(self.cursor_file.read_text()) if self.cursor_file.exists() else {}
-        changed: dict[str, int] = {}
-        with self._client() as client:
-            client.capabilities()  # refuses a non-R4 server before anything else
-            for rtype in USED_TYPES:
-                cursor = SyncCursor.from_json(cursors[rtype]) if rtype in cursors else SyncCursor(rtype)
-                current = self._load(rtype)
-                sync = client.sync(cursor, count=self.cfg.page_size)
-                n = 0
-                for res in sync:
-                    current[str(res["id"])] = orjson.dumps(res)
-                    n += 1
-                tmp = self.folder / f"{rtype}.ndjson.tmp"
-                tmp.write_bytes(b"\n".join(current.values()) + (b"\n" if current else b""))
-                tmp.replace(self.folder / f"{rtype}.ndjson")
-                cursors[rtype] = sync.cursor.to_json()
-                changed[rtype] = n
-        tmp = self.cursor_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cursors))
-        tmp.replace(self.cursor_file)  # the cursor moves only after the data it covers is on disk
-        log.info("FHIR sync from %s: %s", self.cfg.location, changed)
-        return changed
+    def refresh(self, spec: FeatureSpec) -> dict[str, int]:
+        """Pull what changed since the last pass; returns the rows written or removed, by type."""
+        options = SyncOptions(page_size=self.cfg.page_size, bulk=self.cfg.bulk)
+        with self._client() as client, MirrorStore(self.path) as store:
+            self.last_report = MirrorSync(client, store, needs_for(spec), options).run()
+        log.info("FHIR sync from %s: %s", self.cfg.location, self.last_report.changed())
+        return self.last_report.changed()
 
     def source(self) -> ResourceSource:
-        return NdjsonDirSource(self.folder)
+        return MirrorSource(self.path)
 
 
 class SiteData:
@@ -111,7 +87,7 @@ class SiteData:
     def table(self, spec: FeatureSpec) -> FeatureTable:
         source: ResourceSource
         if self.mirror is not None:
-            self.mirror.refresh()
+            self.mirror.refresh(spec)
             source = self.mirror.source()
         elif self.cfg.kind == "ndjson":
             source = NdjsonDirSource(self.cfg.location)

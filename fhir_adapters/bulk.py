@@ -156,8 +156,9 @@ class BulkExportClient:
         group_id: str | None = None,
         types: Collection[str] | None = None,
         since: str | None = None,
+        type_filters: Collection[str] | None = None,
     ) -> BulkManifest:
-        return self.wait(self.kickoff(level, group_id=group_id, types=types, since=since))
+        return self.wait(self.kickoff(level, group_id=group_id, types=types, since=since, type_filters=type_filters))
 
     def iter_file_lines(self, manifest: BulkManifest, f: BulkFile) -> Iterator[bytes]:
         """Stream one output file line by line; sends the access token only when the manifest requires it."""

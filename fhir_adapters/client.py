@@ -1,7 +1,8 @@
-"""FHIR R4 REST client: capability check, search with paging by the server's `next` links, incremental
-sync by _lastUpdated, retries with backoff and Retry-After, bearer and SMART auth, custom CA bundles.
+"""FHIR R4 REST client: capability check, search with paging by the server's `next` links, retries with
+backoff and Retry-After, bearer and SMART auth, custom CA bundles.
 
-A thin shell over httpx: the boundary logic of the sync lives in sync.py as pure code.
+A thin shell over httpx. Listing what changed (keyset search by _lastUpdated, _history) is in listing.py,
+its pure logic in sync.py; reading the CapabilityStatement in capabilities.py.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ import httpx
 import orjson
 
 from .auth import Auth, NoAuth
-from .errors import FhirAuthError, FhirConnectionError, FhirHttpError, FhirVersionError
-from .sync import CursorTracker, SyncCursor
+from .capabilities import base_url_candidates, check_fhir_version
+from .errors import FhirAuthError, FhirBaseUrlError, FhirConnectionError, FhirHttpError
 
 log = logging.getLogger("fhir_adapters.client")
 
-SUPPORTED_VERSIONS = ("4.0.", "4.3.")  # R4 and R4B
 FHIR_JSON = "application/fhir+json"
 Params = Sequence[tuple[str, str]] | Mapping[str, str] | None
 
@@ -78,6 +78,14 @@ def _outcome_text(r: httpx.Response) -> str:
         return text or r.text[:300]
     except (ValueError, AttributeError):
         return r.text[:300]
+
+
+def _status_hint(status: int) -> str:
+    if status == 404:
+        return "the server has no such endpoint or resource: check the base URL and what was asked for"
+    if status in (429, 500, 502, 503, 504):
+        return "the server is failing or overloaded: retry later, or ask its administrators"
+    return "the server refused the request: see its message"
 
 
 def ssl_verify(verify: bool | str | Path) -> bool | ssl.SSLContext:
@@ -218,11 +226,15 @@ class FhirClient:
         return FhirHttpError(
             f"{method} {url} failed with {r.status_code}: {text}",
             status=r.status_code,
-            hint="see the server's message; retry later if it is overloaded",
+            hint=_status_hint(r.status_code),
             detail=detail,
         )
 
     def get_json(self, path_or_url: str, params: Params = None) -> dict[str, Any]:
+        return self.get_response_json(path_or_url, params)[0]
+
+    def get_response_json(self, path_or_url: str, params: Params = None) -> tuple[dict[str, Any], httpx.Headers]:
+        """A GET's JSON object and the response headers (for the Date a server answered at)."""
         r = self.send("GET", path_or_url, params=params)
         try:
             body = orjson.loads(r.content)
@@ -235,17 +247,49 @@ class FhirClient:
             ) from e
         if not isinstance(body, dict):
             raise FhirHttpError(f"{path_or_url} answered with a non-object", status=r.status_code)
-        return body
+        return body, r.headers
 
     # ---------------- capabilities ----------------
 
     def capabilities(self) -> dict[str, Any]:
-        """The server's CapabilityStatement; raises FhirVersionError unless it is FHIR R4 or R4B."""
+        """The server's CapabilityStatement; raises FhirVersionError unless it is FHIR R4 or R4B (naming the
+        release it is), FhirBaseUrlError when the URL does not look like a FHIR base URL at all."""
         if self._capabilities is None:
-            cs = self.get_json("metadata")
+            try:
+                cs = self.get_json("metadata")
+            except FhirHttpError as e:
+                if e.status == 404 or e.status == 200:  # 200: an answer that is not JSON
+                    answer = "404 Not Found" if e.status == 404 else "something that is not JSON"
+                    raise self._not_a_base_url(answer, e.detail) from e
+                raise
+            if cs.get("resourceType") not in ("CapabilityStatement", "Conformance"):
+                raise self._not_a_base_url(f"a {cs.get('resourceType') or 'JSON object'}, not a CapabilityStatement")
             check_fhir_version(cs)
             self._capabilities = cs
         return self._capabilities
+
+    def _not_a_base_url(self, answer: str, detail: str = "") -> FhirBaseUrlError:
+        """The error for a URL that is not a FHIR base, naming a usual base below it that answers."""
+        candidates = base_url_candidates(self.base_url)
+        for url in candidates:
+            try:
+                r = self.http.get(f"{url}/metadata", timeout=5.0)
+                cs = orjson.loads(r.content) if r.status_code == 200 else None
+            except (httpx.HTTPError, orjson.JSONDecodeError):
+                continue
+            if isinstance(cs, dict) and cs.get("resourceType") in ("CapabilityStatement", "Conformance"):
+                hint = f"use {url} (its /metadata answers FHIR {cs.get('fhirVersion', '?')})"
+                break
+        else:
+            hint = (
+                "a FHIR base URL usually ends in /fhir, /R4, /baseR4 or /fhir/R4 (none of those answered below this "
+                "URL either); check the server's documentation"
+            )
+        return FhirBaseUrlError(
+            f"{self.base_url} is probably not the FHIR base URL: GET /metadata answered {answer}",
+            hint=hint,
+            detail=detail,
+        )
 
     # ---------------- search ----------------
 
@@ -281,10 +325,6 @@ class FhirClient:
                 if mode == "match" and isinstance(res, dict) and res.get("resourceType") == resource_type:
                     yield res
 
-    def sync(self, cursor: SyncCursor, params: Params = None, *, count: int | None = None) -> IncrementalSync:
-        """Resources of cursor.resource_type changed since the cursor; read `.cursor` after iterating."""
-        return IncrementalSync(self, cursor, _params_list(params), count)
-
     # ---------------- writes ----------------
 
     def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
@@ -303,47 +343,8 @@ class FhirClient:
             r.close()
 
 
-def check_fhir_version(cs: dict[str, Any]) -> str:
-    """fhirVersion of a CapabilityStatement; raises FhirVersionError unless 4.0.x (R4) or 4.3.x (R4B)."""
-    if cs.get("resourceType") != "CapabilityStatement":
-        raise FhirVersionError(
-            "the server's /metadata is not a CapabilityStatement", hint="check that the URL is a FHIR base URL"
-        )
-    version = str(cs.get("fhirVersion") or "")
-    if not version.startswith(SUPPORTED_VERSIONS):
-        raise FhirVersionError(
-            f"the server speaks FHIR {version or '(unknown version)'}, not R4",
-            hint="FH-AI needs a FHIR R4 (4.0.x) or R4B (4.3.x) endpoint; ask for the server's R4 base URL",
-        )
-    return version
-
-
 def next_link(bundle: dict[str, Any]) -> str | None:
     for link in bundle.get("link") or ():
         if link.get("relation") == "next" and link.get("url"):
             return str(link["url"])
     return None
-
-
-class IncrementalSync:
-    """One pass of an incremental sync. Iterate it for the new/changed resources; afterwards `cursor` is
-    the cursor to persist for the next pass (unchanged if the pass was not run to the end)."""
-
-    def __init__(self, client: FhirClient, cursor: SyncCursor, params: list[tuple[str, str]], count: int | None):
-        self.client = client
-        self.start = cursor
-        self.params = params
-        self.count = count
-        self._tracker = CursorTracker(cursor)
-        self.complete = False
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        params = [*self.params, *self.start.query_params()]
-        for res in self.client.search(self.start.resource_type, params, count=self.count):
-            if self._tracker.accept(res):
-                yield res
-        self.complete = True
-
-    @property
-    def cursor(self) -> SyncCursor:
-        return self._tracker.next_cursor() if self.complete else self.start

@@ -53,3 +53,15 @@ class SourceError(FhirAdapterError):
 
 class UnitError(FhirAdapterError):
     code = "FHIR-008"
+
+
+class FhirBaseUrlError(FhirAdapterError):
+    """The URL answers, but not as a FHIR base URL (404 or no CapabilityStatement on /metadata)."""
+
+    code = "FHAI-F301"
+
+
+class MirrorError(FhirAdapterError):
+    """The edge's local mirror file cannot be opened, read or written."""
+
+    code = "FHAI-F302"

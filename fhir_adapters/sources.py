@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gzip
 import logging
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -17,7 +17,7 @@ from .validation import IngestReport
 
 if TYPE_CHECKING:
     from .client import FhirClient
-    from .featurespec import FeatureSpec
+    from .needs import TypeNeed
 
 log = logging.getLogger("fhir_adapters.sources")
 
@@ -163,31 +163,29 @@ class ListSource:
 class FhirSearchSource:
     """Resources from a FHIR server's REST search, page by page (following the server's next links).
 
-    `params` narrows each type's search, e.g. from `search_params_for(spec)` so only the spec's
-    Observation codes are fetched."""
+    `needs` narrows each type's search, e.g. `needs_for(spec)` so only the spec's Observation codes are
+    fetched; a type whose search is split in several (long code lists) is de-duplicated by id."""
 
-    def __init__(
-        self,
-        client: FhirClient,
-        *,
-        params: Mapping[str, Sequence[tuple[str, str]]] | None = None,
-        count: int = 500,
-    ) -> None:
+    def __init__(self, client: FhirClient, *, needs: Mapping[str, TypeNeed] | None = None, count: int = 500) -> None:
         self.client = client
-        self.params = dict(params or {})
+        self.needs = dict(needs or {})
         self.count = count
 
     def iter_resources(
         self, types: Collection[str] | None = None, report: IngestReport | None = None
     ) -> Iterator[dict[str, Any]]:
         if types is None:
-            raise SourceError("a FHIR search source needs the resource types to fetch", hint="pass types")
+            types = list(self.needs)
+        if not types:
+            raise SourceError("a FHIR search source needs the resource types to fetch", hint="pass types or needs")
         for rtype in types:
-            yield from self.client.search(rtype, self.params.get(rtype), count=self.count)
-
-
-def search_params_for(spec: FeatureSpec) -> dict[str, list[tuple[str, str]]]:
-    """Server-side filters for a spec: Observations by the spec's codes. Conditions are not filtered by
-    code because ICD-10 label codes match by prefix, which token search cannot express."""
-    codes = sorted(spec.observation_codes())
-    return {"Observation": [("code", ",".join(f"{s}|{c}" for s, c in codes))]}
+            need = self.needs.get(rtype)
+            chunks = need.search_params() if need is not None else [[]]
+            seen: set[object] = set()
+            for params in chunks:
+                for res in self.client.search(rtype, params, count=self.count):
+                    if len(chunks) > 1:
+                        if res.get("id") in seen:
+                            continue
+                        seen.add(res.get("id"))
+                    yield res

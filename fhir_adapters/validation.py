@@ -8,6 +8,7 @@ logged at debug level, and the caller skips it.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,46 @@ BAD_DATE = "bad_date"
 DUPLICATE = "duplicate"
 
 
+# The element each reason is about, for people reading the rejections (`fhai-fhir preview --rejections`).
+REASON_FIELDS = {
+    MALFORMED_JSON: "(the line)",
+    NOT_AN_OBJECT: "(the line)",
+    MISSING_RESOURCE_TYPE: "resourceType",
+    WRONG_RESOURCE_TYPE: "resourceType",
+    INVALID_RESOURCE: "(see detail)",
+    NO_SUBJECT: "subject.reference",
+    UNKNOWN_PATIENT: "subject.reference",
+    NO_EFFECTIVE_TIME: "effective[x]",
+    MISSING_VALUE: "value[x]",
+    NON_NUMERIC_VALUE: "valueQuantity.value",
+    MISSING_UNIT: "valueQuantity.code",
+    UNCONVERTIBLE_UNIT: "valueQuantity.code",
+    STATUS_EXCLUDED: "status / verificationStatus",
+    NO_ONSET: "onset[x]",
+    BAD_DATE: "birthDate",
+    DUPLICATE: "id",
+}
+MAX_EXAMPLES = 5  # kept per reason: enough to find the pattern, bounded whatever the input
+_TYPE_ID = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9.-]{1,64})(?::\s*(.*))?$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One example of a rejected resource: which one, and the element at fault."""
+
+    reason: str
+    resource_type: str
+    id: str
+    element: str
+    detail: str
+
+    @classmethod
+    def of(cls, reason: str, what: str) -> Rejection:
+        m = _TYPE_ID.match(what)
+        rtype, rid, detail = (m.group(1), m.group(2), m.group(3) or "") if m else ("", "", what)
+        return cls(reason, rtype, rid, REASON_FIELDS.get(reason, ""), detail)
+
+
 @dataclass
 class IngestReport:
     """What came in and what was turned away, by reason."""
@@ -45,13 +86,18 @@ class IngestReport:
     rejected: Counter[str] = field(default_factory=Counter)  # by reason
     ignored: int = 0  # well-formed resources the spec does not use (other codes, other types)
     dropped_patients: Counter[str] = field(default_factory=Counter)  # rows left out of the table, by reason
-    examples: dict[str, str] = field(default_factory=dict)  # first offending id or snippet per reason
+    examples: dict[str, list[str]] = field(default_factory=dict)  # the first MAX_EXAMPLES ids/snippets per reason
 
     def reject(self, reason: str, what: str = "") -> None:
         self.rejected[reason] += 1
-        if reason not in self.examples:
-            self.examples[reason] = what[:200]
+        kept = self.examples.setdefault(reason, [])
+        if len(kept) < MAX_EXAMPLES:
+            kept.append(what[:200])
         log.debug("rejected (%s): %s", reason, what[:200])
+
+    def rejections(self) -> list[Rejection]:
+        """The kept examples, by reason (most frequent reason first)."""
+        return [Rejection.of(r, w) for r, _ in self.rejected.most_common() for w in self.examples.get(r, ())]
 
     @property
     def total_rejected(self) -> int:
@@ -63,7 +109,8 @@ class IngestReport:
         self.dropped_patients.update(other.dropped_patients)
         self.ignored += other.ignored
         for k, v in other.examples.items():
-            self.examples.setdefault(k, v)
+            kept = self.examples.setdefault(k, [])
+            kept += v[: MAX_EXAMPLES - len(kept)]
 
     def as_dict(self) -> dict[str, Any]:
         return {

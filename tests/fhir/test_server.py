@@ -16,11 +16,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fhir_adapters.auth import BearerAuth, SmartBackendAuth
 from fhir_adapters.bulk import BulkExportClient, BulkExportSource
 from fhir_adapters.client import FhirClient, check_fhir_version
-from fhir_adapters.errors import FhirAuthError, FhirConnectionError, FhirVersionError
+from fhir_adapters.errors import FhirAuthError, FhirBaseUrlError, FhirConnectionError, FhirVersionError
 from fhir_adapters.features import build_feature_table
 from fhir_adapters.featurespec import FeatureSpec
-from fhir_adapters.sources import BundleDirSource, FhirSearchSource, search_params_for
-from fhir_adapters.sync import SyncCursor
+from fhir_adapters.listing import ChangeListing
+from fhir_adapters.needs import needs_for
+from fhir_adapters.sources import BundleDirSource, FhirSearchSource
 from fhir_adapters.synthetic import Hospital
 from fhir_adapters.validation import IngestReport
 from tests.fixtures.sekmet import SekmetServer, sekmet_server
@@ -47,8 +48,22 @@ def test_refuses_an_endpoint_that_is_not_fhir(synth_server: SekmetServer) -> Non
     # SEKMET's SMART discovery document is JSON but not a CapabilityStatement
     with FhirClient(f"{synth_server.root_url}/.well-known/smart-configuration#") as c:
         c.base_url = f"{synth_server.root_url}/.well-known/smart-configuration?x="
-        with pytest.raises(FhirVersionError):
+        with pytest.raises(FhirBaseUrlError) as e:
             c.capabilities()
+    assert "not a CapabilityStatement" in e.value.message
+
+
+def test_a_server_root_is_named_as_not_the_base_url(synth_server: SekmetServer) -> None:
+    """The root of the server answers 404 on /metadata: the error says so and names the base that works."""
+    with (
+        FhirClient(synth_server.root_url, auth=BearerAuth(synth_server.token or "")) as c,
+        pytest.raises(FhirBaseUrlError) as e,
+    ):
+        c.capabilities()
+    assert e.value.code == "FHAI-F301"
+    assert "probably not the FHIR base URL" in e.value.message and "404" in e.value.message
+    assert f"use {synth_server.base_url} " in e.value.hint and "4.0.1" in e.value.hint
+    assert "retry later" not in e.value.one_line()
 
 
 def test_paging_follows_the_servers_next_links(client: FhirClient, hospitals: list[Hospital]) -> None:
@@ -92,7 +107,7 @@ def test_connection_refused_is_a_clear_error() -> None:
     assert "unreachable" in e.value.message and e.value.hint
 
 
-def test_incremental_sync_yields_only_new_records(hospitals: list[Hospital]) -> None:
+def test_listing_from_a_cursor_yields_only_new_records(hospitals: list[Hospital]) -> None:
     h = hospitals[2]
     bundles = list(h.transaction_bundles(patients_per_bundle=20))
     first, second = bundles[:2], bundles[2:]
@@ -103,27 +118,18 @@ def test_incremental_sync_yields_only_new_records(hospitals: list[Hospital]) -> 
     with sekmet_server() as srv, FhirClient(srv.base_url, auth=BearerAuth(srv.token or "")) as c:
         for b in first:
             c.transaction(b)
-        run = c.sync(SyncCursor("Observation"), count=13)  # many resources share a millisecond: pages split them
-        got1 = [r["id"] for r in run]
-        assert sorted(got1) == sorted(ids(first))
-        saved = run.cursor.to_json()  # what the caller persists
+        listing = ChangeListing(c, "Observation", count=13)  # many resources share a millisecond: pages split them
+        got1 = list(listing)
+        assert sorted(r["id"] for r in got1) == sorted(ids(first))  # each once
+        assert listing.server_time is not None and listing.ordered and listing.total == len(got1)
+        stamps = [r["meta"]["lastUpdated"] for r in got1]
+        assert stamps == sorted(stamps)  # oldest first
+        since = stamps[-1]
         for b in second:
             c.transaction(b)
-        run2 = c.sync(SyncCursor.from_json(saved), count=13)
-        got2 = [r["id"] for r in run2]
-        assert sorted(got2) == sorted(ids(second))  # only the new ones, none twice
-        run3 = c.sync(run2.cursor, count=13)
-        assert list(run3) == [] and run3.cursor == run2.cursor
-        # an update comes back once, as its new version
-        obs = c.get_json(f"Observation/{got1[0]}")
-        obs["status"] = "amended"
-        c.send("PUT", f"Observation/{got1[0]}", json=obs)
-        run4 = c.sync(run3.cursor, count=13)
-        assert [(r["id"], r["status"]) for r in run4] == [(got1[0], "amended")]
-        # a pass that is abandoned half way does not move the cursor
-        partial = c.sync(SyncCursor("Observation"), count=13)
-        next(iter(partial))
-        assert partial.cursor == SyncCursor("Observation")
+        got2 = [r["id"] for r in ChangeListing(c, "Observation", since=since, count=13)]
+        # the new ones and those stamped in the cursor's own millisecond (`ge`), each once
+        assert sorted(got2) == sorted(ids(second) | {r["id"] for r in got1 if r["meta"]["lastUpdated"] == since})
 
 
 def test_bulk_export_table_equals_search_table(
@@ -176,7 +182,7 @@ def test_synthea_table_over_search_equals_table_from_files(
 ) -> None:
     from_files = build_feature_table(BundleDirSource(SYNTHEA_DIR), synthea_spec)
     with FhirClient(synthea_server.base_url, auth=BearerAuth(synthea_server.token or ""), timeout=60) as c:
-        source = FhirSearchSource(c, params=search_params_for(synthea_spec), count=1000)
+        source = FhirSearchSource(c, needs=needs_for(synthea_spec), count=1000)
         over_search = build_feature_table(source, synthea_spec)
     assert from_files.n_rows == over_search.n_rows == 102  # 3 of 105 were born after the index date
     assert int(from_files.y.sum()) == 7
