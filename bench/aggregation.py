@@ -253,7 +253,8 @@ def decode_fold_child(strategy_key: str, k: int, folder: Path, layout: dict[str,
 FLOWER_CHILD = r"""
 import json, resource, sys, time
 import numpy as np
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, __version__
+import flwr
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.server.strategy.aggregate import aggregate_inplace
 k, n, seed = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(seed)
@@ -267,14 +268,16 @@ t0 = time.perf_counter()
 params = aggregate_inplace(results)
 took = time.perf_counter() - t0
 assert params[0].shape == (n,) and np.isfinite(params[0]).all()
-print(json.dumps({"updates": k, "total_s": took, "updates_per_s": k / took, "flwr": __version__,
+print(json.dumps({"updates": k, "total_s": took, "updates_per_s": k / took, "flwr": flwr.__version__,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
 def run_child(args: list[str], python: str | None = None) -> dict[str, Any]:
     cmd = [python, "-c", FLOWER_CHILD, *args] if python is not None else [sys.executable, __file__, "--child", *args]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed: {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
