@@ -30,23 +30,32 @@ def setup_logging(log_file: Path | None, verbose: bool = False, progress: tuple[
     command is doing, one line per step.
     """
     root = logging.getLogger()
+    # A second call (several commands in one process, as in tests) replaces the first one's handlers, whose
+    # streams may be closed by now, instead of stacking up.
+    for old in [h for h in root.handlers if getattr(h, "fhai_cli", False)]:
+        root.removeHandler(old)
+        old.close()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     fmt = logging.Formatter(LOG_FORMAT)
+    added: list[logging.Handler] = []
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(log_file)
         fh.setFormatter(fmt)
-        root.addHandler(fh)
+        added.append(fh)
     sh = logging.StreamHandler(sys.stderr)
     sh.setLevel(logging.DEBUG if verbose else logging.WARNING)
     sh.setFormatter(fmt if verbose else _OneLine(LOG_FORMAT))
     sh.addFilter(lambda record: getattr(record, "console", True))
-    root.addHandler(sh)
+    added.append(sh)
     if progress and not verbose:
         shown = RichHandler(console=console, show_path=False, show_level=False, markup=False)
         shown.setLevel(logging.INFO)
         shown.addFilter(lambda record: record.levelno < logging.WARNING and record.name.startswith(progress))
-        root.addHandler(shown)
+        added.append(shown)
+    for handler in added:
+        handler.fhai_cli = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
     for noisy in ("httpx", "httpcore", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
