@@ -140,6 +140,7 @@ def main() -> None:
             + "".join(f"| {k} | {report[k]} |\n" for k in ("finished", "build_s", "connect_s", "rounds_s",
                       "frames_sent", "disconnects", "broker_timeouts", "simulator_threads", "simulator_peak_rss_mb"))
             + f"\nRounds (open to close, s): {report['round_s']}; accepted per round: {report['accepted']}.\n"
+            + "`connect_s`: until every device had its CONNACK (rounds start as soon as a cohort is online, so they overlap it); `rounds_s`: from then until the fleet had sent its final evaluations; each round's own duration, open to close, is on the line above.\n"
             f"Machine: {report['machine']}.\n"
         )  # fmt: skip
 
