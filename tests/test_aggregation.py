@@ -373,7 +373,8 @@ def test_spill_accumulator_resident_memory_is_bounded_by_its_chunk(tmp_path: Pat
 
 def test_every_registered_strategy_builds_from_its_spec(tmp_path: Path) -> None:
     for name, cls in STRATEGIES.items():
-        spec = {"name": name, "max_norm": 3.0} if name == "clipped" else {"name": name}
+        required = {"clipped": {"max_norm": 3.0}, "dp": {"noise_multiplier": 1.0, "clip": 1.0}}
+        spec = {"name": name, **required.get(name, {})}
         strategy = build_strategy(spec)
         assert type(strategy) is cls and strategy.name == name
         assert build_strategy(strategy.to_spec()).to_spec() == strategy.to_spec()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from coordinator.aggregation.accumulators import MeanAccumulator, SpillAccumulator
 from coordinator.aggregation.base import Strategy, StrategyConfig, UpdateAccumulator, Weighting
 from coordinator.aggregation.clipping import Clipped, ClippingAccumulator, clipped
+from coordinator.aggregation.dp import DPAccumulator, DPFedAvg
 from coordinator.aggregation.errors import AggregationError
 from coordinator.aggregation.fedadagrad import FedAdagrad
 from coordinator.aggregation.fedadam import FedAdam
@@ -27,6 +28,8 @@ __all__ = [
     "Clipped",
     "ClippingAccumulator",
     "CoordinateMedian",
+    "DPAccumulator",
+    "DPFedAvg",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",

@@ -58,6 +58,10 @@ class UpdateAccumulator(ABC):
     def result(self) -> np.ndarray:
         """The round's combined delta, float64 of shape (n_params,)."""
 
+    def measurements(self) -> dict[str, float]:
+        """What this accumulator did in the round (clipped count, noise std...), for the round's record."""
+        return {"updates": float(self.count)}
+
     def close(self) -> None:
         """Release files and memory; the accumulator cannot be used afterwards."""
         self._closed = True
@@ -132,6 +136,13 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate(self, global_params: np.ndarray, accumulator: UpdateAccumulator) -> np.ndarray:
         """The next global model (float32) from this round's accumulator; updates server state, if any."""
+
+    def aggregate_measured(
+        self, global_params: np.ndarray, accumulator: UpdateAccumulator
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """`aggregate` plus the measurements of the round (as TFF's aggregators and Flower's strategies return)."""
+        params = self.aggregate(global_params, accumulator)
+        return params, accumulator.measurements()
 
     def state_dict(self) -> StateDict:
         """Server state that must survive a coordinator restart, as arrays (see state.encode_state)."""

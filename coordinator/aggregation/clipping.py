@@ -31,6 +31,9 @@ from coordinator.aggregation.state import StateDict
 class ClippedConfig(StrategyConfig):
     max_norm: float = Field(gt=0, description="largest L2 norm an update keeps")
     inner: dict[str, Any] | str = Field("fedavg", description="the wrapped strategy, as its own YAML spec")
+    max_weight: float | None = Field(
+        None, gt=0, description="cap on an update's weight (its claimed samples), so no device dominates the mean"
+    )
 
 
 class ClippingAccumulator(UpdateAccumulator):
@@ -38,11 +41,13 @@ class ClippingAccumulator(UpdateAccumulator):
 
     kind = "clipped"
 
-    def __init__(self, inner: UpdateAccumulator, max_norm: float) -> None:
+    def __init__(self, inner: UpdateAccumulator, max_norm: float, max_weight: float | None = None) -> None:
         super().__init__(inner.n_params)
         self.inner = inner
         self.max_norm = float(max_norm)
+        self.max_weight = max_weight
         self.n_clipped = 0  # how many updates of the round were scaled down, for the round's report
+        self.n_capped = 0  # how many claimed more samples than max_weight
 
     @property
     def count(self) -> int:
@@ -60,8 +65,18 @@ class ClippingAccumulator(UpdateAccumulator):
         factor = agg_math.clip_factor(norm, self.max_norm)
         if factor < 1.0:
             delta = delta * np.float32(factor)
-        self.inner.add(delta, weight)
+        capped = self.max_weight is not None and weight > self.max_weight
+        self.inner.add(delta, min(weight, self.max_weight) if self.max_weight is not None else weight)
         self.n_clipped += factor < 1.0
+        self.n_capped += capped
+
+    def measurements(self) -> dict[str, float]:
+        return {
+            **self.inner.measurements(),
+            "clip_norm": self.max_norm,
+            "clipped": float(self.n_clipped),
+            "weights_capped": float(self.n_capped),
+        }
 
     def result(self) -> np.ndarray:
         self._check_open()
@@ -92,13 +107,18 @@ class Clipped(Strategy):
         return cls(config, build(config.inner))
 
     def to_spec(self) -> dict[str, Any]:
-        return {"name": self.name, "max_norm": self.config.max_norm, "inner": self.inner.to_spec()}
+        spec: dict[str, Any] = {"name": self.name, "max_norm": self.config.max_norm, "inner": self.inner.to_spec()}
+        if self.config.max_weight is not None:
+            spec["max_weight"] = self.config.max_weight
+        return spec
 
     def client_config(self, round_number: int) -> dict[str, Any]:
         return self.inner.client_config(round_number)
 
     def new_accumulator(self, n_params: int, spill_dir: str | Path | None = None) -> UpdateAccumulator:
-        return ClippingAccumulator(self.inner.new_accumulator(n_params, spill_dir), self.config.max_norm)
+        return ClippingAccumulator(
+            self.inner.new_accumulator(n_params, spill_dir), self.config.max_norm, self.config.max_weight
+        )
 
     def aggregate(self, global_params: np.ndarray, accumulator: UpdateAccumulator) -> np.ndarray:
         if not isinstance(accumulator, ClippingAccumulator):
@@ -114,6 +134,8 @@ class Clipped(Strategy):
         self.inner.load_state_dict(state)
 
 
-def clipped(inner: Strategy, max_norm: float) -> Clipped:
-    """`inner` with each update clipped to L2 norm `max_norm` (TFF's clipping factory, as a wrapper)."""
-    return Clipped(validate_options(Clipped, {"max_norm": max_norm, "inner": inner.to_spec()}), inner)
+def clipped(inner: Strategy, max_norm: float, max_weight: float | None = None) -> Clipped:
+    """`inner` with each update clipped to L2 norm `max_norm` (TFF's clipping factory, as a wrapper),
+    and, with `max_weight`, no update weighing more than that many samples."""
+    options: dict[str, Any] = {"max_norm": max_norm, "inner": inner.to_spec(), "max_weight": max_weight}
+    return Clipped(validate_options(Clipped, options), inner)

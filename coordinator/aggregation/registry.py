@@ -10,6 +10,7 @@ from typing import Any
 
 from coordinator.aggregation.base import Strategy
 from coordinator.aggregation.clipping import Clipped
+from coordinator.aggregation.dp import DPFedAvg
 from coordinator.aggregation.errors import AggregationError
 from coordinator.aggregation.fedadagrad import FedAdagrad
 from coordinator.aggregation.fedadam import FedAdam
@@ -20,7 +21,8 @@ from coordinator.aggregation.median import CoordinateMedian
 from coordinator.aggregation.trimmed_mean import TrimmedMean
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad, CoordinateMedian, TrimmedMean, Clipped)
+    cls.name: cls
+    for cls in (FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad, CoordinateMedian, TrimmedMean, Clipped, DPFedAvg)
 }
 
 
