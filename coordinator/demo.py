@@ -80,6 +80,67 @@ def baselines(task: TaskDefinition, splits: dict[str, LocalSplit], epochs: int) 
     return central, local
 
 
+def federate(
+    out: Path,
+    task: TaskDefinition,
+    sites: list[str],
+    store: Store,
+    host: str,
+    port: int,
+    timeout_s: float,
+    profile: str = DEVICE_PROFILE,
+) -> CoordinatorService:
+    """Enroll each site, start its edge runtime as its own process (reading out/hospitals/<site>, device
+    profile `profile`: a name or a YAML path), and run the coordinator here with a progress bar until the
+    task is done; the devices' state is under out/devices."""
+    key = load_or_create_signing_key(out / "coordinator" / "coordinator.key")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for site in sites:
+            state = out / "devices" / site
+            store.add_device(site, public_hex(load_or_create_signing_key(state / "device.key")), site)
+            cmd = [
+                sys.executable, "-m", "edge_runtime.cli", "run",
+                "--task", task.task, "--device-id", site,
+                "--source", str(out / "hospitals" / site),
+                "--coordinator-key", public_hex(key),
+                "--state-dir", str(state), "--profile", profile,
+                "--broker", f"{host}:{port}",
+            ]  # fmt: skip
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(state / "stderr.log").open("wb")))
+        console.print(f"started {len(procs)} edge runtimes (logs in {out / 'devices'}/*/edge.log)")
+
+        service = CoordinatorService(store, task, key, BrokerSettings(host, port), out / "coordinator")
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            bar = progress.add_task("rounds", total=task.rounds + 1, detail="waiting for devices")
+
+            def on_tick(m: RoundManager) -> None:
+                s = m.status()
+                progress.update(
+                    bar,
+                    completed=max(0, m.model_round + 1),
+                    detail=f"round {s['round']} {s['phase']}: {s['accepted']}/{s['cohort']} updates, {s['online']} online",
+                )
+
+            status = service.run(on_tick=on_tick, timeout_s=timeout_s)
+        if status != "done":
+            raise RuntimeError(f"the federated task ended as {status}: see {out / 'coordinator' / 'coordinator.log'}")
+        for p in procs:
+            p.wait(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+    return service
+
+
 def run_demo(
     out: Path,
     rounds: int = 10,
@@ -117,51 +178,9 @@ def run_demo(
 
     (out / "coordinator").mkdir()
     store = Store(f"sqlite:///{out / 'coordinator' / 'fhai.db'}")
-    key = load_or_create_signing_key(out / "coordinator" / "coordinator.key")
-    procs: list[subprocess.Popen[bytes]] = []
     try:
-        for site in sites:
-            state = out / "devices" / site
-            store.add_device(site, public_hex(load_or_create_signing_key(state / "device.key")), site)
-            cmd = [
-                sys.executable, "-m", "edge_runtime.cli", "run",
-                "--task", task.task, "--device-id", site,
-                "--source", str(out / "hospitals" / site),
-                "--coordinator-key", public_hex(key),
-                "--state-dir", str(state), "--profile", DEVICE_PROFILE,
-                "--broker", f"{host}:{port}",
-            ]  # fmt: skip
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(state / "stderr.log").open("wb")))
-        console.print(f"started {len(procs)} edge runtimes (logs in {out / 'devices'}/*/edge.log)")
-
-        service = CoordinatorService(store, task, key, BrokerSettings(host, port), out / "coordinator")
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            bar = progress.add_task("rounds", total=rounds + 1, detail="waiting for devices")
-
-            def on_tick(m: RoundManager) -> None:
-                s = m.status()
-                progress.update(
-                    bar,
-                    completed=max(0, m.model_round + 1),
-                    detail=f"round {s['round']} {s['phase']}: {s['accepted']}/{s['cohort']} updates, {s['online']} online",
-                )
-
-            status = service.run(on_tick=on_tick, timeout_s=timeout_s)
-        if status != "done":
-            raise RuntimeError(f"the federated task ended as {status}: see {out / 'coordinator' / 'coordinator.log'}")
-        for p in procs:
-            p.wait(timeout=60)
+        service = federate(out, task, sites, store, host, port, timeout_s)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
         if local_broker is not None:
             local_broker.stop()
 
@@ -182,7 +201,7 @@ def run_demo(
     central, local = baselines(task, splits, epochs)
     X_hold = np.vstack([s.X_hold for s in splits.values()])
     y_hold = np.concatenate([s.y_hold for s in splits.values()])
-    federated = service.manager.model
+    federated = service.manager.device_model  # what the devices hold and deploy
     assert federated is not None
 
     def score(m: Model) -> float:

@@ -77,7 +77,10 @@ def device_acls(device_id: str) -> list[dict[str, Any]]:
         *_write(wire.status_topic(device_id)),
         *_read(wire.announce_topic("+")),
         *_read(wire.model_topic("+")),
+        *_read(wire.model_key_topic("+")),
+        *_read(wire.model_chain_topic("+")),
         *_read(wire.artifact_topic("+", "+")),
+        *_read(wire.artifact_full_topic("+", "+")),
     ]
 
 
@@ -86,7 +89,10 @@ def coordinator_acls() -> list[dict[str, Any]]:
     return [
         *_write(wire.announce_topic("+")),
         *_write(wire.model_topic("+")),
+        *_write(wire.model_key_topic("+")),
+        *_write(wire.model_chain_topic("+")),
         *_write(wire.artifact_topic("+", "+")),
+        *_write(wire.artifact_full_topic("+", "+")),
         *_read(wire.update_topic("+", "+")),
         *_read(wire.eval_topic("+", "+")),
         *_read(wire.status_topic("+")),

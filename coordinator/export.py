@@ -27,6 +27,7 @@ import numpy as np
 from edge_runtime.errors import EdgeError
 from edge_runtime.inference import InputQuantization, ModelCard, save_model_files
 from edge_runtime.model import Model
+from edge_runtime.rebuild import Layers, folded_layers  # shared with devices that rebuild float exports
 
 __all__ = [
     "Artifact",
@@ -58,9 +59,6 @@ class Artifact:
     suffix: str  # ".onnx", ".tflite" or ".int8.tflite"
 
 
-Layers = list[tuple[np.ndarray, np.ndarray]]
-
-
 def make_card(
     model: Model,
     *,
@@ -82,26 +80,6 @@ def make_card(
         rounds=rounds,
         metrics=dict(metrics or {}),
     )
-
-
-def folded_layers(model: Model, fold_standardization: bool = True) -> Layers:
-    """The network as (W, b) float32 pairs for raw inputs, ready for MatMul + Add.
-
-    (x - m) / s @ W0 + b0 == x @ (W0 / s[:, None]) + (b0 - (m / s) @ W0); computed in float64 so folding adds
-    no error beyond the final float32 rounding. The binary output layer is mirrored to [-W, W], [-b, b].
-    """
-    views = model.views()
-    n_layers = model.spec.layout().n_layers
-    layers = [(views[f"W{i}"].astype(np.float64), views[f"b{i}"].astype(np.float64)) for i in range(n_layers)]
-    if fold_standardization:
-        mean = model.standardizer.mean.astype(np.float64)
-        scale = model.standardizer.scale.astype(np.float64)
-        W0, b0 = layers[0]
-        layers[0] = (W0 / scale[:, None], b0 - (mean / scale) @ W0)
-    if model.spec.n_outputs == 1:
-        W, b = layers[-1]
-        layers[-1] = (np.concatenate([-W, W], axis=1), np.concatenate([-b, b]))
-    return [(W.astype(np.float32), b.astype(np.float32)) for W, b in layers]
 
 
 def _checked_card(model: Model, card: ModelCard) -> None:

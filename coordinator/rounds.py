@@ -12,7 +12,7 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from coordinator.aggregation import Strategy, UpdateAccumulator, build_strategy
 from coordinator.aggregation.state import decode_state, encode_state
+from coordinator.artifact_delivery import artifact_frames, improved
+from coordinator.downlink import Downlink
 from coordinator.errors import CoordinatorError, RejectedUpdateError
+from coordinator.report import POOLED, metric_rows
 from coordinator.retention import apply_retention
 from coordinator.store import Evaluation, Round, Store, StoredUpdate
 from coordinator.task import TaskDefinition
@@ -99,8 +102,11 @@ class RoundManager:
         self.clock = clock
         self.strategy: Strategy = build_strategy(task.strategy)
         self.spec_hash = task.spec().spec_hash()
-        self.model: Model | None = None
+        self.model: Model | None = None  # the exact global model the strategy moves
         self.model_round = -1
+        # What the devices hold: the exact model at `downlink.bits: 32`, else the quantized downlink's reference.
+        self.downlink = Downlink(task.downlink, task.task, task.seed)
+        self._published: dict[str, str] = {}  # model topic channel -> ident of the frame retained there
         self.columns: list[str] = []  # the feature table's columns, as the sites reported them
         self.units: list[str | None] = []
         self.state: RoundState | None = None
@@ -152,9 +158,21 @@ class RoundManager:
             return
         self.model = model_from_body(json.loads(cp.spec), cp.model)
         self.model_round = cp.round
+        self.downlink.replay(self._committed_models(cp.round))
         self.strategy.load_state_dict(decode_state(cp.strategy_state))
         meta = json.loads(cp.meta)
         self.columns, self.units = meta.get("columns", []), meta.get("units", [])
+
+    def _committed_models(self, last: int) -> Iterator[tuple[int, Model]]:
+        for r in range(last + 1):
+            cp = self.store.checkpoint(self.task.task, r)
+            if cp is not None:
+                yield r, model_from_body(json.loads(cp.spec), cp.model)
+
+    @property
+    def device_model(self) -> Model | None:
+        """The global model as every device holds it (the one rounds train from and devices evaluate)."""
+        return self.downlink.reference
 
     # opening rounds ------------------------------------------------------------------------------
     def _next_phase(self) -> tuple[int, str] | None:
@@ -178,7 +196,7 @@ class RoundManager:
             round=round_no,
             phase=phase,
             status="collecting",
-            model_version=self.model.version() if self.model else "none",
+            model_version=self.device_model.version() if self.device_model else "none",
             cohort=json.dumps(cohort),
             deadline=now + self.task.round_deadline_s,
             extensions=extensions,
@@ -201,18 +219,19 @@ class RoundManager:
             self.state.accumulator = self.strategy.new_accumulator(self.model.params.size, spill)
 
     def _announce(self) -> None:
-        """Publish (retained) the global model, then the announcement that refers to it."""
+        """Publish (retained) the global model's frames that changed, then the announcement that refers to it."""
         assert self.state is not None
         row = self.state.row
-        if self.model is not None:
-            header = {
-                "task": self.task.task,
-                "round": self.model_round,
-                "model_version": self.model.version(),
-                "spec": self.model.spec.to_dict(),
-            }
-            frame = wire.encode_frame("model", wire.COORDINATOR, header, model_body(self.model), self.key)
-            self.publish(wire.model_topic(self.task.task), frame, True)
+        topics = {
+            "live": wire.model_topic(self.task.task),
+            "key": wire.model_key_topic(self.task.task),
+            "chain": wire.model_chain_topic(self.task.task),
+        }
+        for out in self.downlink.frames():
+            if self._published.get(out.channel) != out.ident:
+                frame = wire.encode_frame("model", wire.COORDINATOR, out.header, out.body, self.key)
+                self.publish(topics[out.channel], frame, True)
+                self._published[out.channel] = out.ident
         announcement = Announcement(
             task=self.task.task,
             round=row.round,
@@ -360,7 +379,7 @@ class RoundManager:
             if header.task != self.task.task:
                 raise RejectedUpdateError("FHAI-R005", f"evaluation is for task {header.task!r}")
             # Only the current global model is evaluated, and only by the open round's cohort.
-            if self.model is None or header.model_version != self.model.version():
+            if self.device_model is None or header.model_version != self.device_model.version():
                 raise RejectedUpdateError(
                     "FHAI-R015", f"evaluation of model {header.model_version}, not the current one"
                 )
@@ -490,56 +509,71 @@ class RoundManager:
         if self.state.accumulator is not None:
             self.state.accumulator.close()
         self.model, self.model_round = new, row.round
+        shipped = self.downlink.advance(new, row.round)
         log.info(
             "round %d committed: model %s from %d contributions", row.round, new.version(), len(self.state.accepted)
         )
-        export = self.task.export
-        if row.phase == "train" and export.formats and (export.every_round or row.round == self.task.rounds):
-            try:
-                self._publish_artifacts(new, row.round, len(self.state.accepted))
-            except Exception:  # an export problem must not stop the training; the model is committed
-                log.exception(
-                    "round %d: exporting the model failed; training goes on, and "
-                    "`fhai-coordinator export` can retry from the checkpoint",
-                    row.round,
-                )
+        if row.phase == "train" and self.task.export.formats:
+            for round_no, model, reason in self._exports_due(row.round, shipped):
+                try:
+                    self._publish_artifacts(model, round_no, reason, len(self.state.accepted))
+                except Exception:  # an export problem must not stop the training; the model is committed
+                    log.exception(
+                        "round %d: exporting the model failed; training goes on, and "
+                        "`fhai-coordinator export` can retry from the checkpoint",
+                        round_no,
+                    )
         apply_retention(self.store, self.task.task, row.round, self.task.retention, self.spill_dir.parent / "exports")
 
-    def _publish_artifacts(self, model: Model, round_no: int, n_updates: int) -> None:
-        """Export the new global model for on-device inference and publish each format, retained."""
-        from coordinator.distribution import build_artifacts  # TensorFlow loads only when exports are asked for
+    def _exports_due(self, round_no: int, shipped: Model) -> list[tuple[int, Model, str]]:
+        """The task's export policy after committing `round_no`: (round, devices' model, reason) to export."""
+        export = self.task.export
+        due: dict[int, tuple[Model, str]] = {}
+        previous = self.downlink.previous
+        if export.on_improvement and previous is not None:
+            # The devices evaluated the previous round's model during this round.
+            rows = metric_rows(self.store.evaluations(self.task.task))
+            if improved({r.round: r.auroc for r in rows if r.site == POOLED}, round_no - 1):
+                due[round_no - 1] = (previous, "improved")
+        if export.every and round_no % export.every == 0:
+            due[round_no] = (shipped, "every")
+        if export.at_end and round_no == self.task.rounds:
+            due[round_no] = (shipped, "end")
+        return [(r, m, reason) for r, (m, reason) in sorted(due.items())]
 
-        artifacts = build_artifacts(
+    def _publish_artifacts(self, model: Model, round_no: int, reason: str, n_updates: int) -> None:
+        """Export the devices' model of `round_no` and publish each format, retained (see artifact_delivery)."""
+        card_fields = {
+            "name": self.task.task,
+            "feature_spec_hash": self.spec_hash,
+            "columns": self.columns,
+            "units": self.units,
+            "metrics": {"updates": float(n_updates)},
+        }
+        outs = artifact_frames(
             model,
             self.task.export.formats,
-            name=self.task.task,
-            feature_spec_hash=self.spec_hash,
-            columns=self.columns,
-            units=self.units,
-            rounds=round_no,
-            metrics={"updates": float(n_updates)},
+            task=self.task.task,
+            round_no=round_no,
+            reason=reason,
+            card_fields=card_fields,
         )
         folder = self.spill_dir.parent / "exports" / f"round-{round_no}"
-        for fmt, artifact in artifacts.items():
-            header = {
-                "task": self.task.task,
-                "round": round_no,
-                "model_version": model.version(),
-                "format": fmt,
-                "card": artifact.card.to_dict(),
-            }
-            frame = wire.encode_frame("artifact", wire.COORDINATOR, header, artifact.data, self.key)
-            self.publish(wire.artifact_topic(self.task.task, fmt), frame, True)
-            save_model_files(artifact.data, artifact.card, artifact.suffix, folder / self.task.task)
-        log.info("round %d: published %s exports", round_no, ", ".join(artifacts))
+        for out in outs:
+            topic = (wire.artifact_full_topic if out.full else wire.artifact_topic)(self.task.task, out.fmt)
+            frame = wire.encode_frame("artifact", wire.COORDINATOR, out.header, out.body, self.key)
+            self.publish(topic, frame, True)
+            if not out.full:
+                save_model_files(out.artifact.data, out.artifact.card, out.artifact.suffix, folder / self.task.task)
+        log.info("round %d (%s): published %s exports", round_no, reason, ", ".join(sorted({o.fmt for o in outs})))
 
     def _open_final_eval(self) -> None:
         assert self.model is not None
         self._open(self.model_round + 1, "eval")
 
     def _final_evals_in(self) -> bool:
-        assert self.model is not None and self.state is not None
-        version = self.model.version()
+        assert self.device_model is not None and self.state is not None
+        version = self.device_model.version()
         reported = self.store.evaluated_devices(self.task.task, version)
         return set(self.state.cohort) <= reported
 
@@ -553,5 +587,5 @@ class RoundManager:
             "accepted": len(self.state.accepted) if self.state else 0,
             "cohort": len(self.state.cohort) if self.state else 0,
             "online": len(self.online),
-            "model_version": self.model.version() if self.model else None,
+            "model_version": self.device_model.version() if self.device_model else None,
         }

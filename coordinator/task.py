@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from coordinator.aggregation import build_strategy
+from coordinator.downlink import DownlinkSettings
 from coordinator.errors import CoordinatorError
 from coordinator.retention import Retention
 from edge_runtime.messages import CodecSettings
@@ -27,12 +28,15 @@ class ModelSection(BaseModel):
 
 
 class ExportSection(BaseModel):
-    """Which on-device formats the coordinator exports and publishes (retained) after committed rounds."""
+    """Which on-device formats the coordinator exports, and when: an export is published (retained) only when
+    it changes what a device does, not after every round."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     formats: list[Literal["onnx", "tflite", "tflite_int8"]] = Field(default_factory=list)
-    every_round: bool = True  # False: only after the last round
+    every: int = Field(0, ge=0)  # also every this many rounds (0: no periodic exports)
+    on_improvement: bool = True  # the model whose pooled held-out AUROC beats every earlier model's
+    at_end: bool = True  # the last round's model
 
 
 class TaskDefinition(BaseModel):
@@ -53,6 +57,7 @@ class TaskDefinition(BaseModel):
     deadline_extensions: int = Field(2, ge=0)
     train: dict[str, Any] = Field(default_factory=dict)
     codec: CodecSettings = Field(default_factory=CodecSettings)
+    downlink: DownlinkSettings = Field(default_factory=DownlinkSettings)
     export: ExportSection = Field(default_factory=ExportSection)
     retention: Retention = Field(default_factory=Retention)
     seed: int = 0

@@ -22,14 +22,16 @@ from pydantic import ValidationError
 
 from edge_runtime import codec, wire
 from edge_runtime.deployment import Deployment
+from edge_runtime.downlink import Held, ModelFollower
 from edge_runtime.errors import EdgeError
 from edge_runtime.inference import ModelCard
 from edge_runtime.keys import load_or_create_signing_key, public_from_hex
-from edge_runtime.messages import Announcement, ArtifactHeader, model_from_frame, parse_header, stats_body
+from edge_runtime.messages import Announcement, ArtifactHeader, model_body, model_from_body, parse_header, stats_body
 from edge_runtime.metrics import evaluate, score_histograms
 from edge_runtime.model import Model
 from edge_runtime.mqtt import BrokerError, BrokerSettings, Connection, connect
 from edge_runtime.profile import DeviceProfile, training_bytes
+from edge_runtime.rebuild import RebuildError, rebuild_artifact
 from edge_runtime.site_data import SiteData, SourceConfig
 from edge_runtime.trainer import TrainConfig, train
 from fhir_adapters.errors import FhirAdapterError
@@ -130,9 +132,13 @@ class EdgeAgent:
         self.coordinator = public_from_hex(cfg.coordinator_key)
         self.data = SiteData(cfg.source, cfg.state_dir)
         self.announcement: Announcement | None = None
-        self.model: Model | None = None
         self.progress_file = cfg.state_dir / f"progress-{cfg.task}.json"
         self.residual_file = cfg.state_dir / f"residual-{cfg.task}.npy"
+        self.model_file = cfg.state_dir / f"model-{cfg.task}.bin"  # the held global model, to resume from
+        self.follower = ModelFollower(self._load_held())
+        self._syncing: list[str] = []  # catch-up topics subscribed while the held model is behind
+        self._skeleton: tuple[ArtifactHeader, bytes] | None = None  # an export to rebuild once its model is held
+        self._fetching_artifact = False
         self._split: tuple[str, LocalSplit] | None = None
         self.conn: Connection | None = None
         self.finished = threading.Event()
@@ -151,6 +157,43 @@ class EdgeAgent:
         tmp.write_text(json.dumps({"done": done}))
         tmp.replace(self.progress_file)
 
+    @property
+    def model(self) -> Model | None:
+        """The global model as the coordinator's reference copy has it, bit for bit."""
+        return self.follower.model
+
+    def _load_held(self) -> Held | None:
+        meta = self.model_file.with_suffix(".json")
+        if not (self.model_file.exists() and meta.exists()):
+            return None
+        try:
+            info = json.loads(meta.read_text())
+            model = model_from_body(info["spec"], self.model_file.read_bytes())
+        except (OSError, ValueError, KeyError, EdgeError) as exc:
+            log.warning("ignoring the saved global model (%s); the keyframe will replace it", exc)
+            return None
+        if model.version() != info.get("model_version"):
+            log.warning("the saved global model does not match its hash; the keyframe will replace it")
+            return None
+        return Held(model, int(info["round"]))
+
+    def _save_held(self) -> None:
+        held = self.follower.held
+        if held is None:
+            return
+        for path, data in (
+            (self.model_file, model_body(held.model)),
+            (
+                self.model_file.with_suffix(".json"),
+                json.dumps(
+                    {"round": held.round, "model_version": held.model.version(), "spec": held.model.spec.to_dict()}
+                ).encode(),
+            ),
+        ):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+
     # MQTT ----------------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:
         """Serve rounds until the task ends (or `stop` is set)."""
@@ -164,6 +207,11 @@ class EdgeAgent:
             will=(presence, json.dumps({"state": "offline"}).encode()),
             online=(presence, json.dumps({"state": "online", "profile": self.cfg.profile.profile}).encode()),
         )
+        # A catch-up subscription a previous process left in the persistent session would bring every
+        # republished keyframe and chain: drop them; this process subscribes again if it falls behind.
+        for topic in (wire.model_key_topic(task), wire.model_chain_topic(task)):
+            self.conn.unsubscribe(topic)
+        self.conn.unsubscribe(wire.artifact_full_topic(task, self.deployment.format))
         try:
             while not stop.is_set() and not self.finished.is_set():
                 try:
@@ -198,16 +246,91 @@ class EdgeAgent:
     def _handle(self, topic: str, payload: bytes) -> None:
         frame = wire.decode_frame(payload, lambda s: self.coordinator if s == wire.COORDINATOR else None)
         if frame.kind == "model":
-            _, self.model = model_from_frame(frame)
+            self._on_model(topic, frame)
         elif frame.kind == "announce":
             self.announcement = parse_header(frame, Announcement)
             self.deployment.save_feature_spec(self.announcement.feature_spec, self.announcement.feature_spec_hash)
         elif frame.kind == "artifact":
-            self._install(parse_header(frame, ArtifactHeader), frame.body)
+            self._on_artifact(parse_header(frame, ArtifactHeader), frame.body)
             return
         else:
             raise wire.WireError("FHAI-W030", f"unexpected {frame.kind} frame on {topic}")
         self.work()
+
+    def _on_model(self, topic: str, frame: wire.Frame) -> None:
+        """Move the held model with a live patch, or catch up from the retained keyframe and chain."""
+        task, follower = self.cfg.task, self.follower
+        try:
+            if topic == wire.model_key_topic(task):
+                changed = follower.on_keyframe(frame)
+            elif topic == wire.model_chain_topic(task):
+                changed = follower.on_chain(frame)
+            else:
+                changed = follower.on_live(frame)
+        finally:
+            self._sync_subscriptions()
+        if changed:
+            self._save_held()
+            assert follower.held is not None
+            log.info("global model %s of round %d", follower.held.model.version(), follower.held.round)
+            self._rebuild_export()
+
+    def _sync_subscriptions(self) -> None:
+        """Subscribe to the catch-up topics while behind (the chain first, when a held copy may patch forward)."""
+        if self.conn is None:
+            return
+        task, follower = self.cfg.task, self.follower
+        wanted: list[str] = []
+        if follower.needs_sync:
+            wanted = [wire.model_chain_topic(task)]
+            if follower.held is None or follower.chain_fell_short:
+                wanted.append(wire.model_key_topic(task))
+        for topic in wanted:
+            if topic not in self._syncing:
+                log.info("catching up on the global model: subscribing to %s", topic)
+                self.conn.subscribe(topic)
+        for topic in self._syncing:
+            if topic not in wanted:
+                self.conn.unsubscribe(topic)
+        self._syncing = wanted
+
+    def _on_artifact(self, header: ArtifactHeader, body: bytes) -> None:
+        if header.delivery == "full":
+            self._install(header, body)
+            if self._fetching_artifact and self.conn is not None:
+                self.conn.unsubscribe(wire.artifact_full_topic(self.cfg.task, self.deployment.format))
+                self._fetching_artifact = False
+            if self._skeleton is not None and self._skeleton[0].round <= header.round:
+                self._skeleton = None
+            return
+        self._skeleton = (header, body)
+        self._rebuild_export()
+
+    def _rebuild_export(self) -> None:
+        """Rebuild a float export from the held parameters; fetch the whole artifact if that cannot work."""
+        if self._skeleton is None:
+            return
+        header, packed = self._skeleton
+        model = self.follower.recent.get(header.model_version)
+        held = self.follower.held
+        if model is None and (held is None or held.round < header.round):
+            return  # the model it was exported from has not arrived yet
+        try:
+            if model is None:
+                raise RebuildError(
+                    "FHAI-L814", f"model {header.model_version} of round {header.round} is not held here"
+                )
+            data = rebuild_artifact(packed, header.holes, model, ModelCard.from_dict(header.card).artifact_sha256)
+        except RebuildError as exc:
+            log.warning("%s", exc)
+            self._skeleton = None
+            if self.conn is not None and not self._fetching_artifact:
+                self.conn.subscribe(wire.artifact_full_topic(self.cfg.task, self.deployment.format))
+                self._fetching_artifact = True
+            return
+        self._skeleton = None
+        self._install(header, data)
+        log.info("rebuilt the round-%d %s export from the held parameters", header.round, header.format)
 
     def _install(self, header: ArtifactHeader, body: bytes) -> None:
         """Swap the inference model, if it was built for this device's features."""

@@ -12,6 +12,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_runtime.model import Model, ModelSpec, Standardizer
+from edge_runtime.rebuild import Hole
 from edge_runtime.wire import Frame, WireError
 
 H = TypeVar("H", bound="_Header")
@@ -73,7 +74,12 @@ class ArtifactHeader(_Header):
 
     model_version: str
     format: Literal["onnx", "tflite", "tflite_int8"]
-    card: dict[str, Any]
+    card: dict[str, Any]  # `rounds` says which round's model the artifact is
+    # "full": the body is the artifact; "rebuild": the body is its zstd skeleton, the device fills `holes`
+    # from the parameters of `model_version` it holds (edge_runtime.rebuild)
+    delivery: Literal["full", "rebuild"] = "full"
+    holes: list[Hole] = Field(default_factory=list, max_length=4096)
+    reason: str = ""  # the export policy's trigger: improved, every, end
 
 
 class EvalHeader(_Header):
@@ -112,14 +118,6 @@ def model_from_body(spec_dict: dict[str, Any], body: bytes) -> Model:
     return Model(
         spec, flat[:n_params].copy(), Standardizer(flat[n_params : n_params + d].copy(), flat[n_params + d :].copy())
     )
-
-
-def model_from_frame(frame: Frame) -> tuple[ModelHeader, Model]:
-    header = parse_header(frame, ModelHeader)
-    model = model_from_body(header.spec, frame.body)
-    if model.version() != header.model_version:
-        raise WireError("FHAI-W023", f"model body hashes to {model.version()}, header says {header.model_version}")
-    return header, model
 
 
 def stats_body(total: np.ndarray, total_sq: np.ndarray) -> bytes:

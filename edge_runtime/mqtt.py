@@ -18,6 +18,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_runtime.errors import EdgeError
 from edge_runtime.wire import CONTENT_TYPE
@@ -120,6 +121,13 @@ class Connection:
         if self.manual_ack and msg.qos > 0:
             self.client.ack(msg.mid, msg.qos)
 
+    def subscribe(self, topic: str) -> None:
+        """Subscribe for a while (the persistent session keeps it across reconnects until `unsubscribe`)."""
+        self.client.subscribe(topic, qos=1)
+
+    def unsubscribe(self, topic: str) -> None:
+        self.client.unsubscribe(topic)
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
@@ -149,6 +157,8 @@ def connect(
     )
     conn = Connection(client, manual_ack=manual_ack)
     refused = threading.Event()
+    first_connect = threading.Event()
+    first_connect.set()
     if settings.username:
         client.username_pw_set(settings.username, settings.password)
     if settings.ca_file:
@@ -169,8 +179,16 @@ def connect(
             refused.set()
             return
         conn.refused = None
+        # The first connect of a process asks for the retained messages (a restarted process has lost what it
+        # knew). On a reconnect the persistent session already queued whatever was published meanwhile, so
+        # retained copies are sent only for a subscription the broker no longer has: a device on a flaky
+        # link does not download the retained global model again on every reconnect.
+        handling = SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
+        if first_connect.is_set():
+            handling = SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
+        first_connect.clear()
         for topic in subscriptions:
-            c.subscribe(topic, qos=1)
+            c.subscribe(topic, options=SubscribeOptions(qos=1, retainHandling=handling))
         if online is not None:
             c.publish(online[0], online[1], qos=1, retain=True)
         conn.connected.set()

@@ -34,8 +34,9 @@ from paho.mqtt.properties import Properties
 
 from edge_runtime import codec, wire
 from edge_runtime.agent import LocalSplit, eval_header, round_seed, split_table, stats_message
+from edge_runtime.downlink import ModelFollower
 from edge_runtime.keys import public_from_hex, public_hex
-from edge_runtime.messages import Announcement, model_from_frame, parse_header
+from edge_runtime.messages import Announcement, parse_header
 from edge_runtime.model import Model
 from edge_runtime.mqtt import SESSION_EXPIRY_S, BrokerSettings
 from edge_runtime.netloop import NetLoop
@@ -106,6 +107,10 @@ class Fleet:
         ]
         self._lock = threading.Lock()
         self._frames: dict[bytes, tuple[bytes, Any]] = {}  # signature -> (payload, parsed), verified once
+        # Every device follows the same model frames, so one follower (the quantized downlink's device side)
+        # applies each of them once for the whole fleet.
+        self._follower = ModelFollower()
+        self._follow_lock = threading.Lock()
         self._split: tuple[str, LocalSplit] | None = None
         self._evals: dict[tuple[str, int], dict[str, object] | None] = {}
         self._ids = frozenset(d.device_id for d in self.devices)
@@ -133,7 +138,8 @@ class Fleet:
             if reason.is_failure:
                 log.error("broker refused %s: %s", device_id, reason)
                 return
-            c.subscribe([(wire.announce_topic(self.task), 1), (wire.model_topic(self.task), 1)])
+            model_topics = (wire.model_topic, wire.model_key_topic, wire.model_chain_topic)
+            c.subscribe([(wire.announce_topic(self.task), 1), *((t(self.task), 1) for t in model_topics)])
             c.publish(presence, b'{"state": "online", "profile": "simulated"}', qos=1, retain=True)
             device.connected = True
             with self._lock:
@@ -211,8 +217,8 @@ class Fleet:
             except Exception:  # one bad frame must not stop the simulated fleet
                 log.exception("%s: handling %s failed", device.device_id, topic)
 
-    def _verified(self, payload: bytes) -> Any:
-        """The parsed frame (Announcement or Model), checked once per distinct payload."""
+    def _verified(self, topic: str, payload: bytes) -> Any:
+        """The parsed frame (an announcement, or the model a model frame leads to), checked once per payload."""
         signature = payload[-wire.SIGNATURE_LEN :]
         with self._lock:
             hit = self._frames.get(signature)
@@ -223,7 +229,14 @@ class Fleet:
             parsed: Any = parse_header(frame, Announcement)
             parsed = (parsed, frozenset(parsed.cohort))
         elif frame.kind == "model":
-            parsed = model_from_frame(frame)[1]
+            with self._follow_lock:
+                if topic == wire.model_key_topic(self.task):
+                    self._follower.on_keyframe(frame)
+                elif topic == wire.model_chain_topic(self.task):
+                    self._follower.on_chain(frame)
+                else:
+                    self._follower.on_live(frame)
+                parsed = self._follower.model
         else:
             raise wire.WireError("FHAI-W030", f"unexpected {frame.kind} frame")
         with self._lock:
@@ -231,9 +244,9 @@ class Fleet:
         return parsed
 
     def _handle(self, device: SimDevice, topic: str, payload: bytes) -> None:
-        parsed = self._verified(payload)
-        if isinstance(parsed, Model):
-            device.model = parsed
+        parsed = self._verified(topic, payload)
+        if parsed is None or isinstance(parsed, Model):
+            device.model = self._follower.model  # the newest the fleet's follower reached
         else:
             device.announcement, device.cohort = parsed
         ann = device.announcement

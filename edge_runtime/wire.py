@@ -135,8 +135,23 @@ def model_topic(task: str) -> str:
     return f"{PREFIX}/tasks/{task}/model"
 
 
+def model_key_topic(task: str) -> str:
+    """The retained keyframe of the quantized downlink; devices subscribe only while they catch up."""
+    return f"{PREFIX}/tasks/{task}/model/key"
+
+
+def model_chain_topic(task: str) -> str:
+    """The retained chain of model patches since the keyframe; subscribed only while catching up."""
+    return f"{PREFIX}/tasks/{task}/model/chain"
+
+
 def artifact_topic(task: str, fmt: str) -> str:
     return f"{PREFIX}/tasks/{task}/artifacts/{fmt}"
+
+
+def artifact_full_topic(task: str, fmt: str) -> str:
+    """The retained whole artifact, for a device that cannot rebuild the export from the parameters it holds."""
+    return f"{artifact_topic(task, fmt)}/full"
 
 
 def update_topic(task: str, device: str) -> str:

@@ -38,6 +38,13 @@ class GatedAgent(EdgeAgent):
         self.hang = hang  # never send that round's update: a device that died mid-round
         self.reached = threading.Event()
         self.gate = threading.Event()
+        self.adopted: list[tuple[int, str]] = []  # (round, version) of each global model it came to hold
+
+    def _save_held(self) -> None:
+        held = self.follower.held
+        assert held is not None
+        self.adopted.append((held.round, held.model.version()))
+        super()._save_held()
 
     def _send_update(self, ann: Announcement, split: LocalSplit) -> None:
         if ann.round == self.hold_round:
@@ -106,9 +113,11 @@ class Federation:
         for site in self.hospitals:
             self.store.add_device(site, public_hex(load_or_create_signing_key(self.device_key_path(site))), site)
 
-    def start_devices(self, **gates: dict[str, Any]) -> None:
-        """Start every site's agent; gates[site] = GatedAgent keyword arguments for that site."""
+    def start_devices(self, only: list[str] | None = None, **gates: dict[str, Any]) -> None:
+        """Start every site's agent (or those in `only`); gates[site] = GatedAgent keyword arguments for that site."""
         for site, folder in self.hospitals.items():
+            if only is not None and site not in only:
+                continue
             cfg = AgentConfig(
                 device_id=site,
                 task=self.task.task,

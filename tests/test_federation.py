@@ -175,8 +175,8 @@ def test_bad_updates_are_rejected_with_reasons_while_the_round_goes_on(federatio
     fed.start_coordinator_thread()
     fed.agents[victim].reached.wait(60)
     wait_for(lambda: len(fed.store.accepted_devices(fed.task.task, 1)) == 2, 60, "two honest updates")
-    assert fed.service is not None and fed.service.manager.model is not None
-    model = fed.service.manager.model
+    assert fed.service is not None and fed.service.manager.device_model is not None
+    model = fed.service.manager.device_model  # the copy the devices train from
     n = model.params.size
     version = model.version()
     key = load_signing_key(fed.device_key_path(victim))

@@ -92,7 +92,7 @@ class Rig:
         header = {
             "task": "rig",
             "round": m.state.row.round,
-            "model_version": m.model.version(),
+            "model_version": m.state.row.model_version,  # the model the devices hold, as announced
             "n_samples": 20,
             "train_loss": 0.5,
         }
@@ -148,7 +148,7 @@ def test_the_final_evaluation_is_announced_once_as_final_even_after_a_restart(tm
     rig.published.clear()
     rig.restart()
     assert [a.final for a in rig.announcements() if a.phase == "eval"] == [True]
-    model = rig.manager.model
+    model = rig.manager.device_model  # devices evaluate the copy they hold
     assert model is not None
     for d in DEVICES:
         assert rig.evaluation(d, model.version(), 1)
@@ -165,7 +165,7 @@ def test_evaluations_must_be_of_the_current_model_by_the_cohort(tmp_path: Path) 
         rig.stats(d)
     rig.manager.tick()
     rig.manager.tick()  # round 1 open, model from round 0
-    model = rig.manager.model
+    model = rig.manager.device_model
     assert model is not None
     assert rig.evaluation(cohort[0], model.version(), 0)
     assert not rig.evaluation(cohort[0], model.version(), 0)  # a second report on the same model

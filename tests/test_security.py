@@ -221,6 +221,13 @@ def test_device_role_names_exactly_its_own_topics() -> None:
         ("publishClientReceive", "fhai/v1/tasks/+/model"),
         ("subscribePattern", "fhai/v1/tasks/+/artifacts/+"),
         ("publishClientReceive", "fhai/v1/tasks/+/artifacts/+"),
+        # The catch-up topics a device reads while it is behind (decisions 0013, 0014).
+        ("subscribePattern", "fhai/v1/tasks/+/model/key"),
+        ("publishClientReceive", "fhai/v1/tasks/+/model/key"),
+        ("subscribePattern", "fhai/v1/tasks/+/model/chain"),
+        ("publishClientReceive", "fhai/v1/tasks/+/model/chain"),
+        ("subscribePattern", "fhai/v1/tasks/+/artifacts/+/full"),
+        ("publishClientReceive", "fhai/v1/tasks/+/artifacts/+/full"),
     }
     with pytest.raises(wire.WireError):
         dynsec.device_acls("site/#")
