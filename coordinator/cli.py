@@ -6,6 +6,7 @@ import contextlib
 import json
 import signal
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -13,9 +14,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from coordinator.errors import CoordinatorError
 from coordinator.security_cli import DEFAULT_BROKER_DIR, register_security_commands, revoke_broker_account
 from coordinator.store import Store as StoreClass
 from edge_runtime.console import broker_settings, console, friendly_errors, parse_broker, setup_logging
+from edge_runtime.errors import EdgeError
 
 app = typer.Typer(help="FH-AI coordinator: rounds, aggregation, model export.")
 devices_app = typer.Typer(help="Enrolled devices")
@@ -24,10 +27,11 @@ app.add_typer(devices_app, name="devices")
 Store = Annotated[str, typer.Option("--store", help="SQLAlchemy URL of the coordinator store")]
 WorkDir = Annotated[Path, typer.Option("--work-dir", help="Coordinator key, spill files and logs")]
 DEFAULT_STORE = "sqlite:///state/coordinator/fhai.db"
+CLI_STORE_RETRY_S = 5.0  # a one-off command waits out a short store outage, `run` (--store-retry-s) longer
 
 
-def _open_store(url: str) -> StoreClass:
-    return StoreClass(url)
+def _open_store(url: str, retry_s: float = CLI_STORE_RETRY_S) -> StoreClass:
+    return StoreClass(url, retry_s=retry_s)
 
 
 @app.command()
@@ -66,6 +70,9 @@ def run(
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Address the metrics endpoint binds to")] = "127.0.0.1",
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of the metrics per round here")] = None,
+    store_retry_s: Annotated[
+        float, typer.Option(min=0, help="How long to wait out a store outage (PostgreSQL down) before stopping")
+    ] = 300.0,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Run (or resume) TASK until its last round is committed.
@@ -92,7 +99,7 @@ def run(
             settings = replace(settings, host=host, port=port)
     else:
         settings = broker_settings(broker or "127.0.0.1:1883", username, password_file, tls_ca)
-    db = _open_store(store)
+    db = _open_store(store, store_retry_s)
     key = load_or_create_signing_key(work_dir / "coordinator.key")
     service = CoordinatorService(db, task, key, settings, work_dir)
     stop = threading.Event()
@@ -128,10 +135,13 @@ def run(
 def status(
     task: Annotated[str, typer.Argument(help="Task id")],
     store: Store = DEFAULT_STORE,
+    work_dir: WorkDir = Path("state/coordinator"),
 ) -> None:
     """Rounds, metrics and rejected updates of a task (read from the store; safe while it runs)."""
     from coordinator.report import metric_rows, rounds_table
+    from coordinator.store_faults import where
 
+    setup_logging(work_dir / "coordinator.log")
     db = _open_store(store)
     if db.get_task(task) is None:
         raise typer.BadParameter(f"no task {task!r} in {store}")
@@ -148,6 +158,7 @@ def status(
             str(r.extensions),
         )
     console.print(table)
+    console.print(f"store: {db.size_bytes() / 2**20:.1f} MB on disk ({where(db.engine.url)})")
     console.print(rounds_table(metric_rows(db.evaluations(task))))
     rejected = db.rejections(task)
     if rejected:
@@ -157,6 +168,34 @@ def status(
         for x in rejected[-20:]:
             rej.add_row(str(x.round), x.device_id, x.code, x.reason)
         console.print(rej)
+
+
+@app.command()
+@friendly_errors
+def recover(
+    task: Annotated[str, typer.Argument(help="Task id")],
+    store: Store = DEFAULT_STORE,
+    work_dir: WorkDir = Path("state/coordinator"),
+) -> None:
+    """Reopen a failed (or stuck) task from its last committed round; then `run` it again with the same YAML."""
+    from coordinator.lease import claim_task
+    from coordinator.task import parse_task
+    from edge_runtime.keys import load_signing_key
+
+    setup_logging(work_dir / "coordinator.log")
+    db = _open_store(store)
+    row = db.get_task(task)
+    if row is None:
+        raise typer.BadParameter(f"no task {task!r} in {store}")
+    deadline_s = parse_task(json.loads(row.definition)).round_deadline_s
+    with claim_task(db, task, load_signing_key(work_dir / "coordinator.key"), work_dir):
+        reopened = db.reopen_task(task, time.time() + deadline_s)
+    cp = db.latest_checkpoint(task)
+    last = f"round {cp.round}" if cp is not None else "no round yet"
+    console.print(
+        f"task {task} is running again from its last committed round ({last}); reopened rounds: "
+        f"{reopened or 'none'}. Start it with `fhai-coordinator run` and the task's YAML"
+    )
 
 
 @app.command()
@@ -217,6 +256,33 @@ def devices_add(
     public_from_hex(public_key)
     _open_store(store).add_device(device_id, public_key, site)
     console.print(f"device {device_id} added")
+
+
+@devices_app.command("import")
+@friendly_errors
+def devices_import(
+    keys_file: Annotated[
+        Path, typer.Argument(help="CSV of device_id,public_key lines (e.g. `fhai-edge simulate --keys-out`)")
+    ],
+    site: Annotated[str, typer.Option(help="Hospital / site name for all of them")] = "",
+    store: Store = DEFAULT_STORE,
+) -> None:
+    """Register many devices' signing keys at once."""
+    from edge_runtime.keys import public_from_hex
+    from edge_runtime.wire import check_device_id
+
+    rows = []
+    for number, line in enumerate(keys_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        device_id, _, key = line.strip().partition(",")
+        try:
+            check_device_id(device_id)
+            public_from_hex(key)
+        except EdgeError as exc:
+            raise CoordinatorError("FHAI-S706", f"{keys_file}:{number}: {exc.message}") from exc
+        rows.append((device_id, key))
+    console.print(f"{_open_store(store).add_devices(rows, site)} devices added")
 
 
 @devices_app.command("list")

@@ -25,6 +25,7 @@ from coordinator.artifact_delivery import artifact_frames, improved
 from coordinator.downlink import Downlink
 from coordinator.errors import CoordinatorError, RejectedUpdateError
 from coordinator.report import POOLED, metric_rows
+from coordinator.retention import apply_retention
 from coordinator.store import Evaluation, Round, Store, StoredUpdate
 from coordinator.task import TaskDefinition
 from edge_runtime import codec, wire
@@ -126,7 +127,7 @@ class RoundManager:
             self.store.add_task(self.task.task, self.task.model_dump_json())
             log.info("task %s created", self.task.task)
             return  # round 0 opens on the first tick with enough devices online
-        if json.loads(existing.definition) != json.loads(self.task.model_dump_json()):
+        if TaskDefinition.model_validate_json(existing.definition) != self.task:  # settings added since: defaults
             raise CoordinatorError(
                 "FHAI-R001",
                 f"task {self.task.task} is already in the store with a different definition: "
@@ -263,18 +264,21 @@ class RoundManager:
         device = wire.device_from_topic(topic)
         round_no = self.state.row.round if self.state else None
         try:
-            update, header_round = self._validate(device, payload)
+            update, header_round, delta = self._validate(device, payload)
         except (RejectedUpdateError, wire.WireError, codec.CodecError) as exc:
             log.warning("rejected update from %s: %s", device, exc)
             self.store.reject(self.task.task, round_no, device, exc.code, exc.message)
             return False
         assert self.state is not None
-        if not self.store.accept(self.task.task, header_round, update):
-            # A QoS 1 redelivery or a replay: the first copy already counts, this one must not.
+        # `accepted` is exactly what the store holds for the open round (the restart re-folds it all, and one
+        # coordinator holds the task's lease), so a redelivery or a replay is caught here, before any I/O.
+        if update.device_id in self.state.accepted:
             log.info("duplicate update from %s for round %d ignored", device, header_round)
             self.store.reject(self.task.task, header_round, device, "FHAI-R010", "duplicate of an accepted update")
             return False
-        self._fold(update)
+        # False would be this very update, whose COMMIT landed before a store outage hid it: it counts once.
+        self.store.accept(self.task.task, header_round, update)
+        self._fold(update, delta)
         log.info(
             "accepted %s from %s (%d samples), %d/%d",
             update.kind,
@@ -285,7 +289,7 @@ class RoundManager:
         )
         return True
 
-    def _validate(self, device: str, payload: bytes) -> tuple[StoredUpdate, int]:
+    def _validate(self, device: str, payload: bytes) -> tuple[StoredUpdate, int, np.ndarray | None]:
         if len(payload) > self.max_update_bytes():
             raise RejectedUpdateError(
                 "FHAI-R002", f"payload of {len(payload)} bytes exceeds this task's limit of {self.max_update_bytes()}"
@@ -322,7 +326,7 @@ class RoundManager:
                 )
             stats_from_body(frame.body, stats.n_features)
             meta = json.dumps({"columns": stats.columns, "units": stats.units})
-            return StoredUpdate(device, "stats", stats.n, None, frame.body, meta), row.round
+            return StoredUpdate(device, "stats", stats.n, None, frame.body, meta), row.round, None
         if frame.kind != "update":
             raise RejectedUpdateError("FHAI-R008", f"round {row.round} collects updates, got a {frame.kind} frame")
         header = parse_header(frame, UpdateHeader)
@@ -333,12 +337,14 @@ class RoundManager:
         if header.n_samples > MAX_SAMPLES_PER_UPDATE:
             raise RejectedUpdateError("FHAI-R012", f"implausible sample count {header.n_samples}")
         assert self.model is not None
-        delta = codec.decode(frame.body, expected_n=self.model.params.size)
+        # The signature verified these exact bytes: the body's CRC could catch nothing more.
+        delta = codec.decode(frame.body, expected_n=self.model.params.size, check_crc=False)
         if not np.isfinite(delta).all():
             raise RejectedUpdateError("FHAI-R013", "update holds non-finite values")
-        return StoredUpdate(device, "update", header.n_samples, header.train_loss, frame.body), row.round
+        return StoredUpdate(device, "update", header.n_samples, header.train_loss, frame.body), row.round, delta
 
-    def _fold(self, update: StoredUpdate) -> None:
+    def _fold(self, update: StoredUpdate, delta: np.ndarray | None = None) -> None:
+        """Fold an accepted update; `delta` is its decoded body when validation already decoded it."""
         assert self.state is not None
         self.state.accepted.add(update.device_id)
         if update.kind == "stats":
@@ -349,7 +355,9 @@ class RoundManager:
             self.state.stats.columns, self.state.stats.units = meta["columns"], meta["units"]
         else:
             assert self.state.accumulator is not None and self.model is not None
-            self.state.accumulator.add(codec.decode(update.body, self.model.params.size), float(update.n_samples))
+            if delta is None:
+                delta = codec.decode(update.body, self.model.params.size)
+            self.state.accumulator.add(delta, float(update.n_samples))
 
     def _refold(self) -> None:
         """After a restart: fold the round's accepted updates again, in their arrival order."""
@@ -514,6 +522,7 @@ class RoundManager:
                         "`fhai-coordinator export` can retry from the checkpoint",
                         round_no,
                     )
+        apply_retention(self.store, self.task.task, row.round, self.task.retention, self.spill_dir.parent / "exports")
 
     def _exports_due(self, round_no: int, shipped: Model) -> list[tuple[int, Model, str]]:
         """The task's export policy after committing `round_no`: (round, devices' model, reason) to export."""
@@ -564,5 +573,5 @@ class RoundManager:
     def _final_evals_in(self) -> bool:
         assert self.device_model is not None and self.state is not None
         version = self.device_model.version()
-        reported = {e.device_id for e in self.store.evaluations(self.task.task) if e.model_version == version}
+        reported = self.store.evaluated_devices(self.task.task, version)
         return set(self.state.cohort) <= reported

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from coordinator.lease import TaskLease, claim_task
 from coordinator.rounds import RoundManager
 from coordinator.store import Store
 from coordinator.task import TaskDefinition
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fhai.coordinator")
 
 KEY_REFRESH_S = 2.0
+MAX_BATCH = 64  # messages stored with one disk sync (group commit) and acknowledged together
 
 
 class CoordinatorService:
@@ -44,6 +46,8 @@ class CoordinatorService:
     ) -> None:
         self.store = store
         self.task = task
+        self.key = key
+        self.work_dir = work_dir
         self.broker = broker
         self.client_id = client_id or f"fhai-coordinator-{task.task}"
         self.conn: Connection | None = None
@@ -64,6 +68,20 @@ class CoordinatorService:
         elif len(parts) == 6 and parts[4] == "eval":
             self.manager.handle_eval(msg.topic, msg.payload)
 
+    @staticmethod
+    def _next_batch(conn: Connection) -> list[Inbound]:
+        """What is waiting in the inbox (at least one message, or none after 0.1 s), up to MAX_BATCH."""
+        try:
+            batch = [conn.inbox.get(timeout=0.1)]
+        except queue.Empty:
+            return []
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(conn.inbox.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
     def run(
         self,
         stop: threading.Event | None = None,
@@ -72,6 +90,21 @@ class CoordinatorService:
     ) -> str:
         """Run the task until it is done or failed (or `stop`); returns the task's final status."""
         stop = stop or threading.Event()
+        task = self.task.task
+        # The task's lease first: a second coordinator must be refused before it takes the broker session.
+        lease = claim_task(self.store, task, self.key, self.work_dir)
+        try:
+            return self._run(lease, stop, on_tick, timeout_s)
+        finally:
+            lease.release()
+
+    def _run(
+        self,
+        lease: TaskLease,
+        stop: threading.Event,
+        on_tick: Callable[[RoundManager], None] | None,
+        timeout_s: float | None,
+    ) -> str:
         task = self.task.task
         self.conn = connect(
             self.client_id,
@@ -93,17 +126,17 @@ class CoordinatorService:
                     return "timeout"
                 if time.monotonic() - last_keys > KEY_REFRESH_S:
                     self.manager.refresh_keys()  # devices enrolled or revoked meanwhile
+                    lease.check()
                     last_keys = time.monotonic()
-                try:
-                    msg = self.conn.inbox.get(timeout=0.1)
-                except queue.Empty:
-                    msg = None
-                if msg is not None:
-                    handled_at = time.perf_counter()
-                    self._dispatch(msg)
-                    self.conn.ack(msg)  # only now: what it carried is in the store
-                    if self.metrics is not None:
-                        self.metrics.message(msg.topic, len(msg.payload), time.perf_counter() - handled_at)
+                batch = self._next_batch(self.conn)
+                with self.store.group_commit():  # one disk sync for the whole batch
+                    for msg in batch:
+                        handled_at = time.perf_counter()
+                        self._dispatch(msg)
+                        if self.metrics is not None:
+                            self.metrics.message(msg.topic, len(msg.payload), time.perf_counter() - handled_at)
+                for msg in batch:
+                    self.conn.ack(msg)  # only now: what they carried is in the store
                 ticked_at = time.perf_counter()
                 self.manager.tick()
                 if self.metrics is not None:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from coordinator.aggregation import build_strategy
 from coordinator.downlink import DownlinkSettings
 from coordinator.errors import CoordinatorError
+from coordinator.retention import Retention
 from edge_runtime import configs
 from edge_runtime.messages import CodecSettings
 from edge_runtime.model import ModelSpec
@@ -61,6 +62,7 @@ class TaskDefinition(BaseModel):
     codec: CodecSettings = Field(default_factory=CodecSettings)
     downlink: DownlinkSettings = Field(default_factory=DownlinkSettings)
     export: ExportSection = Field(default_factory=ExportSection)
+    retention: Retention = Field(default_factory=Retention)
     seed: int = 0
 
     @model_validator(mode="after")

@@ -1,8 +1,8 @@
 """The edge agent: joins a task over MQTT, and for each round it is selected for, pulls its
 hospital's records, trains, and sends back a signed, quantized update. Nothing else leaves.
 
-Messages arrive on paho's network thread and are queued; all work happens on the caller's thread,
-so a long training run never stalls the MQTT keepalive.
+Messages arrive on paho's network thread and are queued; all work happens on the caller's thread.
+The training kernels release the GIL (kernels.py), so a long training run never stalls the keepalive.
 """
 
 from __future__ import annotations
@@ -96,6 +96,37 @@ def split_table(table: FeatureTable, device_id: str, fraction: float) -> LocalSp
 
 def round_seed(device_id: str, task: str, round_no: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{task}/{device_id}/{round_no}".encode()).digest()[:4], "little")
+
+
+def stats_message(ann: Announcement, split: LocalSplit) -> tuple[dict[str, object], bytes]:
+    """The stats round's header and body: per-column sums and sums of squares of the training rows."""
+    X = split.X_train.astype(np.float64)
+    header = {
+        "task": ann.task,
+        "round": ann.round,
+        "n": len(X),
+        "n_features": X.shape[1],
+        "columns": split.columns,
+        "units": split.units,
+    }
+    return header, stats_body(X.sum(0), (X**2).sum(0))
+
+
+def eval_header(ann: Announcement, model: Model, split: LocalSplit) -> dict[str, object] | None:
+    """The evaluation of the current global model on the held-out rows (None without held-out rows)."""
+    if len(split.y_hold) == 0:
+        return None
+    proba = model.predict_proba(split.X_hold)
+    metrics = evaluate(split.y_hold, proba)
+    pos, neg = score_histograms(split.y_hold, proba[:, 1] if proba.shape[1] == 2 else proba.max(1))
+    return {
+        "task": ann.task,
+        "round": ann.round - 1,  # the round that produced the model being evaluated
+        "model_version": model.version(),
+        "metrics": {k: float(v) for k, v in metrics.items() if np.isfinite(v)},
+        "pos_hist": pos.tolist(),
+        "neg_hist": neg.tolist(),
+    }
 
 
 class EdgeAgent:
@@ -381,36 +412,15 @@ class EdgeAgent:
         self.conn.publish(topic, frame, expiry_s=int(ann.deadline - time.time()) + 60, kind=kind, wait_s=30)
 
     def _send_stats(self, ann: Announcement, split: LocalSplit) -> None:
-        X = split.X_train.astype(np.float64)
-        header = {
-            "task": ann.task,
-            "round": ann.round,
-            "n": len(X),
-            "n_features": X.shape[1],
-            "columns": split.columns,
-            "units": split.units,
-        }
-        self._publish(
-            wire.update_topic(ann.task, self.cfg.device_id), "stats", header, stats_body(X.sum(0), (X**2).sum(0)), ann
-        )
-        log.info("round %d: sent feature statistics of %d rows", ann.round, len(X))
+        header, body = stats_message(ann, split)
+        self._publish(wire.update_topic(ann.task, self.cfg.device_id), "stats", header, body, ann)
+        log.info("round %d: sent feature statistics of %d rows", ann.round, len(split.X_train))
 
     def _send_eval(self, ann: Announcement, split: LocalSplit) -> None:
         assert self.model is not None
-        if len(split.y_hold) == 0:
-            return
-        proba = self.model.predict_proba(split.X_hold)
-        metrics = evaluate(split.y_hold, proba)
-        pos, neg = score_histograms(split.y_hold, proba[:, 1] if proba.shape[1] == 2 else proba.max(1))
-        header = {
-            "task": ann.task,
-            "round": ann.round - 1,  # the round that produced the model being evaluated
-            "model_version": self.model.version(),
-            "metrics": {k: float(v) for k, v in metrics.items() if np.isfinite(v)},
-            "pos_hist": pos.tolist(),
-            "neg_hist": neg.tolist(),
-        }
-        self._publish(wire.eval_topic(ann.task, self.cfg.device_id), "eval", header, b"", ann)
+        header = eval_header(ann, self.model, split)
+        if header is not None:
+            self._publish(wire.eval_topic(ann.task, self.cfg.device_id), "eval", header, b"", ann)
 
     def train_config(self, ann: Announcement) -> TrainConfig:
         merged = {**ann.train, **self.cfg.profile.train, **ann.train_required}

@@ -14,6 +14,7 @@ from rich.table import Table
 from edge_runtime.console import broker_settings, console, friendly_errors, setup_logging
 from edge_runtime.enroll import load_credentials
 from edge_runtime.enroll_cli import register_enroll_command
+from edge_runtime.errors import EdgeError
 from edge_runtime.keys import load_or_create_signing_key, public_hex
 
 # One BLAS thread on the edge (before numpy loads): batch-32 products gain nothing from more, and idle
@@ -121,6 +122,74 @@ def run(
         if cfg.metrics is not None:
             cfg.metrics.close()
     console.print(f"[green]task {task} finished[/]")
+
+
+@app.command()
+@friendly_errors
+def simulate(
+    task: Annotated[str, typer.Option(help="Task id to join")],
+    coordinator_key: Annotated[str, typer.Option(help="Coordinator's public key (hex) or a file holding it")],
+    data: Annotated[str, typer.Option(help="Training data all devices share: a folder of Bulk ndjson / Bundles")],
+    devices: Annotated[int, typer.Option(min=1, max=100_000, help="How many devices")] = 100,
+    broker: Annotated[str, typer.Option(help="MQTT broker HOST:PORT")] = "127.0.0.1:1883",
+    prefix: Annotated[str, typer.Option(help="Device ids are PREFIX0000, PREFIX0001, ...")] = "sim-",
+    seed: Annotated[int, typer.Option(help="Seeds the devices' keys and updates")] = 0,
+    update: Annotated[str, typer.Option(help="noise (cheap seeded deltas) or train (the real trainer)")] = "noise",
+    threads: Annotated[int, typer.Option(min=1, max=64, help="Network threads shared by all devices")] = 4,
+    keys_out: Annotated[Path | None, typer.Option(help="Write device_id,public_key lines here")] = None,
+    keys_only: Annotated[bool, typer.Option(help="Only write --keys-out, then exit")] = False,
+    timeout_s: Annotated[float, typer.Option(help="Give up after this many seconds")] = 3600.0,
+    state_dir: StateDir = Path("state/simulate"),
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Run DEVICES lightweight devices in this process: real MQTT sessions, keys, codec and frames.
+
+    Register their keys with the coordinator first: `--keys-out keys.csv --keys-only`, then
+    `fhai-coordinator devices import keys.csv`. Raise `ulimit -n` above DEVICES for large fleets.
+    """
+    import resource
+
+    from edge_runtime.simulate import Fleet
+    from edge_runtime.site_data import SourceConfig
+
+    if update not in ("noise", "train"):
+        raise typer.BadParameter("--update must be noise or train")
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if not keys_only and soft < devices + 64:
+        raise EdgeError(
+            "FHAI-G701",
+            f"{devices} devices need about {devices + 64} open files, the limit is {soft}: raise `ulimit -n`",
+        )
+    setup_logging(state_dir / "simulate.log", verbose)
+    key_text = Path(coordinator_key).read_text().strip() if Path(coordinator_key).is_file() else coordinator_key
+    fleet = Fleet(
+        devices,
+        task,
+        broker_settings(broker),
+        key_text,
+        SourceConfig.parse(data),
+        prefix=prefix,
+        seed=seed,
+        update=update,  # type: ignore[arg-type]
+        threads=threads,
+        state_dir=state_dir,
+    )
+    if keys_out is not None:
+        keys_out.parent.mkdir(parents=True, exist_ok=True)
+        keys_out.write_text(fleet.keys_csv())
+        console.print(f"{devices} device keys written to {keys_out} (`fhai-coordinator devices import {keys_out}`)")
+    if keys_only:
+        return
+    fleet.start()
+    console.print(f"{fleet.stats.connected} of {devices} devices connected to {broker}")
+    try:
+        finished = fleet.wait_final(timeout_s)
+    finally:
+        fleet.stop()
+    s = fleet.stats
+    console.print(f"sent {s.sent} frames ({s.acked} acknowledged), rounds done: {dict(sorted(s.rounds_done.items()))}")
+    if not finished:
+        raise EdgeError("FHAI-G702", f"the task did not reach its final round within {timeout_s:.0f}s")
 
 
 @app.command()

@@ -10,6 +10,9 @@ The kernels are dtype-generic (float32 for training, float64 for gradient checks
 nothing per batch: buffers are made once per call to `train_epochs`.
 
 Compile options, and why they are safe here:
+- nogil=True: a training call runs for seconds to minutes; holding the GIL that long would stall paho's
+  network thread, so the broker would miss the device's keepalive and drop it mid-round. The kernels
+  touch no Python object (arrays, scalars and np.dot only), so they can run without it.
 - error_model="numpy": Numba's default ("python") guards every float division with a zero check that
   raises, which stops LLVM from vectorizing the loops (the Adam loop ran 4x slower). No divisor here
   can be zero (batch sizes >= 1, 1 - beta**t > 0 for beta < 1, sqrt(.) + eps > 0).
@@ -38,7 +41,7 @@ _FAST = {"nsz", "arcp", "contract", "reassoc"}
 _DELTA_FLUSH = 1e-20
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _buffer_offsets(widths: np.ndarray, batch: int) -> np.ndarray:
     """Start of each layer's (batch, width) block in the flat activation buffer; entry L+1 is its size."""
     n = widths.shape[0]
@@ -48,7 +51,7 @@ def _buffer_offsets(widths: np.ndarray, batch: int) -> np.ndarray:
     return off
 
 
-@njit(cache=True, error_model="numpy", fastmath=_FAST)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FAST)
 def _forward(theta, widths, w_off, b_off, acts, a_off, nb):
     """Fill acts for layers 1..L from the input block at layer 0 (rows 0..nb). Returns the logits view."""
     n_layers = widths.shape[0] - 1
@@ -78,7 +81,7 @@ def _forward(theta, widths, w_off, b_off, acts, a_off, nb):
     return acts[a_off[n_layers] : a_off[n_layers] + nb * fo].reshape(nb, fo)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _output_delta(logits, y, sw, denom, delta):
     """Write dLoss/dlogits into delta and return the summed weighted loss of the rows.
 
@@ -114,7 +117,7 @@ def _output_delta(logits, y, sw, denom, delta):
     return total
 
 
-@njit(cache=True, error_model="numpy", fastmath=_FAST)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FAST)
 def _backward(theta, widths, w_off, b_off, acts, deltas, a_off, nb, grad):
     """Back-propagate the output delta (in deltas' last block) and write data gradients into grad."""
     n_layers = widths.shape[0] - 1
@@ -153,7 +156,7 @@ def _backward(theta, widths, w_off, b_off, acts, deltas, a_off, nb, grad):
                         Dprev[i, j] = 0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _add_penalties(theta, grad, weight_mask, l2, mu, theta_global):
     """Add the gradients of (l2/2)||W||^2 and the FedProx term (mu/2)||theta - theta_global||^2."""
     for p in range(theta.shape[0]):
@@ -162,7 +165,7 @@ def _add_penalties(theta, grad, weight_mask, l2, mu, theta_global):
             grad[p] += mu * (theta[p] - theta_global[p])
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def penalty_value(theta, weight_mask, l2, mu, theta_global):
     """(l2/2)||W||^2 + (mu/2)||theta - theta_global||^2."""
     reg = 0.0
@@ -175,7 +178,7 @@ def penalty_value(theta, weight_mask, l2, mu, theta_global):
     return 0.5 * l2 * reg + 0.5 * mu * prox
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def loss_and_grad(theta, widths, w_off, b_off, X, y, class_weight, weight_mask, l2, mu, theta_global):
     """Full-batch loss and gradient (the objective the trainer minimises), for checks and evaluation."""
     n = X.shape[0]
@@ -196,7 +199,7 @@ def loss_and_grad(theta, widths, w_off, b_off, X, y, class_weight, weight_mask, 
     return data_loss + penalty_value(theta, weight_mask, l2, mu, theta_global), grad
 
 
-@njit(cache=True, error_model="numpy", fastmath=_FAST)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FAST)
 def _adam_step(theta, grad, m1, m2, weight_mask, theta_global, h):
     """One Adam step with the L2 and FedProx gradients folded in, in one pass over the parameters.
 
@@ -211,7 +214,7 @@ def _adam_step(theta, grad, m1, m2, weight_mask, theta_global, h):
         theta[p] -= step_size * m1[p] / (np.sqrt(m2[p] * inv_c2) + eps)
 
 
-@njit(cache=True, error_model="numpy", fastmath=_FAST)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_FAST)
 def _sgd_step(theta, grad, m1, weight_mask, theta_global, h):
     """One heavy-ball SGD step (h = lr, momentum, l2, mu in theta's dtype), penalties folded in."""
     lr, momentum, l2, mu = h[0], h[1], h[7], h[8]
@@ -221,7 +224,7 @@ def _sgd_step(theta, grad, m1, weight_mask, theta_global, h):
         theta[p] -= lr * m1[p]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def train_epochs(
     theta,
     widths,

@@ -88,6 +88,7 @@ class Federation:
             min_updates=len(hospitals),
             round_deadline_s=60,
             cohort_wait_s=0,
+            retention={"update_bodies_rounds": None},  # the tests re-aggregate every round from its bodies
         )
         data.update(overrides)
         self.task = TaskDefinition.model_validate(data)

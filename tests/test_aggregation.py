@@ -293,7 +293,7 @@ def test_clipped_wraps_any_strategy_and_keeps_its_behaviour(tmp_path: Path) -> N
     )
 
 
-# --- state: strategy state and accumulator snapshots --------------------------------------------------------
+# --- state: strategy state --------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fedavg", "trimmed_mean"])
@@ -344,31 +344,6 @@ def test_state_files_never_unpickle(tmp_path: Path) -> None:
         decode_state(b"not a state file")
 
 
-@pytest.mark.parametrize(
-    "spec", ["fedavg", "trimmed_mean", {"name": "clipped", "max_norm": 1.0, "inner": "coordinate_median"}]
-)
-def test_accumulator_snapshot_restore_equals_an_uninterrupted_round(spec: object, tmp_path: Path) -> None:
-    strategy = build_strategy(spec)  # type: ignore[arg-type]
-    deltas, weights = _updates(12)
-    params = _global()
-    expected = _run_round(strategy, params, deltas, weights, tmp_path / "a")
-    with strategy.new_accumulator(N_PARAMS, tmp_path / "b") as first:
-        for delta, weight in zip(deltas[:7], weights[:7], strict=True):
-            first.add(delta, weight)
-        blob = first.snapshot()
-        if not isinstance(strategy, FedAvg):
-            # the spill file is the accumulator's to delete: a restarted one gets its own copy here
-            spill = next((tmp_path / "b").iterdir())
-            (tmp_path / "c").mkdir()
-            (tmp_path / "c" / spill.name).write_bytes(spill.read_bytes())
-    with strategy.new_accumulator(N_PARAMS, tmp_path / "c") as second:
-        second.restore(blob)
-        assert second.count == 7
-        for delta, weight in zip(deltas[7:], weights[7:], strict=True):
-            second.add(delta, weight)
-        np.testing.assert_array_equal(strategy.aggregate(params, second), expected)
-
-
 def test_spill_accumulator_resident_memory_is_bounded_by_its_chunk(tmp_path: Path) -> None:
     """400 updates of 250k parameters (400 MB on disk), 8 MB chunks: aggregating must not map the file in."""
     script = textwrap.dedent(
@@ -391,55 +366,6 @@ def test_spill_accumulator_resident_memory_is_bounded_by_its_chunk(tmp_path: Pat
     figures = json.loads(done.stdout)
     assert figures["file_mb"] > 380
     assert figures["growth_mb"] < 30, figures  # one 8 MB chunk, its sorted copy, the float64 result
-
-
-def test_spill_snapshot_survives_a_crash_and_drops_unacknowledged_rows(tmp_path: Path) -> None:
-    """A process that dies (no cleanup) after a snapshot and two more updates: restore resumes at the snapshot."""
-    deltas, weights = _updates(10)
-    np.save(tmp_path / "deltas.npy", deltas)
-    script = textwrap.dedent(
-        f"""
-        import os, numpy as np
-        from coordinator.aggregation import build_strategy
-        deltas = np.load({str(tmp_path / "deltas.npy")!r})
-        acc = build_strategy("coordinate_median").new_accumulator({N_PARAMS}, {str(tmp_path / "spill")!r})
-        for i in range(6):
-            acc.add(deltas[i], 1.0 + i)
-        open({str(tmp_path / "snap")!r}, "wb").write(acc.snapshot())
-        acc.add(deltas[6], 7.0)
-        acc.add(deltas[7], 8.0)
-        os._exit(0)
-        """
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
-    strategy = build_strategy("coordinate_median")
-    with strategy.new_accumulator(N_PARAMS, tmp_path / "spill") as acc:
-        acc.restore((tmp_path / "snap").read_bytes())
-        assert acc.count == 6 and acc.total_weight == sum(1.0 + i for i in range(6))
-        for i in range(6, 10):
-            acc.add(deltas[i], weights[i])
-        np.testing.assert_array_equal(acc.result(), np.median(deltas.astype(np.float64), axis=0))
-
-
-def test_restore_needs_a_fresh_accumulator_of_the_same_kind(tmp_path: Path) -> None:
-    deltas, weights = _updates(2)
-    with build_strategy("fedavg").new_accumulator(N_PARAMS) as acc:
-        acc.add(deltas[0], weights[0])
-        blob = acc.snapshot()
-        with pytest.raises(AggregationError) as err:
-            acc.restore(blob)
-        assert err.value.code == "FHAI-A008"
-    with (
-        build_strategy("coordinate_median").new_accumulator(N_PARAMS, tmp_path) as spill,
-        pytest.raises(AggregationError) as err,
-    ):
-        spill.restore(blob)
-    assert err.value.code == "FHAI-A007"
-    with (
-        build_strategy({"name": "fedavg", "weighting": "uniform"}).new_accumulator(N_PARAMS) as uniform,
-        pytest.raises(AggregationError),
-    ):
-        uniform.restore(blob)
 
 
 # --- registry and errors -------------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def test_adaptive_clip_tracks_the_target_quantile_and_survives_restart() -> None
         adaptive_clip_update_noise(1.0, 0.4)
 
 
-def test_dp_refuses_robust_inner_and_snapshot_round_trips() -> None:
+def test_dp_refuses_robust_inner_and_clips() -> None:
     with pytest.raises(Exception, match="A002"):
         build_strategy(
             {"name": "dp", "noise_multiplier": 1.0, "clip": 1.0, "inner": "coordinate_median"}
@@ -184,10 +184,8 @@ def test_dp_refuses_robust_inner_and_snapshot_round_trips() -> None:
     strategy = build_strategy({"name": "dp", "noise_multiplier": 1.0, "clip": 1.0, "seed": 1})
     acc = strategy.new_accumulator(5)
     acc.add(np.ones(5, np.float32) * 3, 1.0)
-    again = strategy.new_accumulator(5)
-    assert isinstance(again, DPAccumulator)
-    again.restore(acc.snapshot())
-    assert again.count == 1 and again.n_clipped == 1
+    assert isinstance(acc, DPAccumulator)
+    assert acc.count == 1 and acc.n_clipped == 1
 
 
 def test_clipped_caps_claimed_weights() -> None:

@@ -105,9 +105,7 @@ def test_secure_model_update_round_decodes_to_the_mean() -> None:
 
     params = np.ones(n_params, np.float32)
     assert np.allclose(FedAvg().aggregate(params, acc), params + acc.result(), atol=1e-6)
-    restored = SecureSumAccumulator(n_params)
-    restored.restore(acc.snapshot())
-    assert np.array_equal(restored.result(), acc.result()) and restored.count == len(survivors)
+    assert acc.count == len(survivors)
 
 
 def test_garbage_input_is_detected_in_the_sum() -> None:

@@ -19,7 +19,6 @@ import numpy as np
 from coordinator.aggregation import math as agg_math
 from coordinator.aggregation.base import UpdateAccumulator, Weighting, nonfinite_error
 from coordinator.aggregation.errors import AggregationError
-from coordinator.aggregation.state import decode_state, encode_state, scalar
 
 
 class MeanAccumulator(UpdateAccumulator):
@@ -62,37 +61,6 @@ class MeanAccumulator(UpdateAccumulator):
         if not self._count:
             raise AggregationError("FHAI-A006", "no update was accepted in this round: nothing to average")
         return agg_math.weighted_mean(self._sum, self._mean_weight)
-
-    def snapshot(self) -> bytes:
-        self._check_open()
-        return encode_state(
-            {
-                "kind": self.kind,
-                "n_params": self.n_params,
-                "weighting": self.weighting,
-                "sum": self._sum,
-                "mean_weight": self._mean_weight,
-                "total_weight": self._total_weight,
-                "count": self._count,
-            }
-        )
-
-    def restore(self, blob: bytes) -> None:
-        self._check_fresh()
-        state = decode_state(blob)
-        self._check_kind(state)
-        weighting = scalar(state, "weighting", str)
-        if weighting != self.weighting:
-            raise AggregationError(
-                "FHAI-A007", f"snapshot was weighted by {weighting!r}, this accumulator by {self.weighting!r}"
-            )
-        total = np.asarray(state.get("sum"))
-        if total.shape != (self.n_params,) or total.dtype != np.float64:
-            raise AggregationError("FHAI-A007", "snapshot's running sum does not fit this accumulator")
-        self._sum = total.copy()
-        self._mean_weight = scalar(state, "mean_weight", float)
-        self._total_weight = scalar(state, "total_weight", float)
-        self._count = scalar(state, "count", int)
 
     def close(self) -> None:
         self._sum = np.zeros(0)
@@ -186,45 +154,6 @@ class SpillAccumulator(UpdateAccumulator):
         finally:
             os.close(fd)
         return out
-
-    def snapshot(self) -> bytes:
-        """Flushes the spill file to disk; the bytes name it, so it must stay in `spill_dir` until restore."""
-        self._check_open()
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        return encode_state(
-            {
-                "kind": self.kind,
-                "n_params": self.n_params,
-                "file": "" if self._path is None else self._path.name,
-                "weights": np.asarray(self._weights, dtype=np.float64),
-            }
-        )
-
-    def restore(self, blob: bytes) -> None:
-        self._check_fresh()
-        if self._path is not None:
-            raise AggregationError("FHAI-A008", "restore needs a fresh accumulator: this one already has a spill file")
-        state = decode_state(blob)
-        self._check_kind(state)
-        weights = np.asarray(state.get("weights"), dtype=np.float64).reshape(-1)
-        name = scalar(state, "file", str)
-        if not len(weights):
-            return
-        path = self.spill_dir / Path(name).name  # a name, never a path from the snapshot
-        need = len(weights) * self._row_bytes
-        if not path.is_file() or path.stat().st_size < need:
-            raise AggregationError(
-                "FHAI-A008",
-                f"spill file {path} is missing or shorter than the {len(weights)} updates of the snapshot: "
-                "re-fold the round's persisted updates instead",
-            )
-        spill = open(path, "r+b")  # noqa: SIM115 - lives as long as the accumulator
-        spill.truncate(need)  # rows written after the snapshot were not acknowledged
-        spill.seek(need)
-        self._adopt(path, spill)
-        self._weights = [float(w) for w in weights]
 
     def close(self) -> None:
         if self._cleanup is not None:

@@ -58,14 +58,6 @@ class UpdateAccumulator(ABC):
     def result(self) -> np.ndarray:
         """The round's combined delta, float64 of shape (n_params,)."""
 
-    @abstractmethod
-    def snapshot(self) -> bytes:
-        """The accumulator's state as bytes, for `restore` into a fresh accumulator of the same strategy."""
-
-    @abstractmethod
-    def restore(self, blob: bytes) -> None:
-        """Take the state of `snapshot()` bytes; only on a fresh accumulator with nothing added."""
-
     def measurements(self) -> dict[str, float]:
         """What this accumulator did in the round (clipped count, noise std...), for the round's record."""
         return {"updates": float(self.count)}
@@ -102,25 +94,6 @@ class UpdateAccumulator(ABC):
                 "FHAI-A005", f"update weight must be a positive number of training samples, got {weight}"
             )
         return delta, weight
-
-    def _check_fresh(self) -> None:
-        self._check_open()
-        if self.count:
-            raise AggregationError(
-                "FHAI-A008", "restore needs a fresh accumulator: this one already holds updates of the round"
-            )
-
-    def _check_kind(self, state: StateDict) -> None:
-        kind = scalar(state, "kind", str)
-        if kind != self.kind:
-            raise AggregationError(
-                "FHAI-A007", f"snapshot is of a {kind!r} accumulator, cannot restore it into a {self.kind!r} one"
-            )
-        n_params = scalar(state, "n_params", int)
-        if n_params != self.n_params:
-            raise AggregationError(
-                "FHAI-A007", f"snapshot is for {n_params} parameters, this accumulator has {self.n_params}"
-            )
 
 
 def nonfinite_error(n_bad: int) -> AggregationError:

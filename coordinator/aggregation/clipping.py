@@ -25,7 +25,7 @@ from coordinator.aggregation.base import (
     validate_options,
 )
 from coordinator.aggregation.errors import AggregationError
-from coordinator.aggregation.state import StateDict, decode_state, encode_state, scalar
+from coordinator.aggregation.state import StateDict
 
 
 class ClippedConfig(StrategyConfig):
@@ -81,29 +81,6 @@ class ClippingAccumulator(UpdateAccumulator):
     def result(self) -> np.ndarray:
         self._check_open()
         return self.inner.result()
-
-    def snapshot(self) -> bytes:
-        self._check_open()
-        inner = np.frombuffer(self.inner.snapshot(), dtype=np.uint8)
-        return encode_state(
-            {
-                "kind": self.kind,
-                "n_params": self.n_params,
-                "n_clipped": self.n_clipped,
-                "n_capped": self.n_capped,
-                "inner": inner,
-            }
-        )
-
-    def restore(self, blob: bytes) -> None:
-        self._check_fresh()
-        state = decode_state(blob)
-        self._check_kind(state)
-        if "inner" not in state:
-            raise AggregationError("FHAI-A007", "clipping snapshot lacks its inner accumulator's state")
-        self.inner.restore(np.asarray(state["inner"], dtype=np.uint8).tobytes())
-        self.n_clipped = scalar(state, "n_clipped", int)
-        self.n_capped = scalar(state, "n_capped", int) if "n_capped" in state else 0
 
     def close(self) -> None:
         self.inner.close()

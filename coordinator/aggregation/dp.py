@@ -30,7 +30,7 @@ from coordinator.aggregation import math as agg_math
 from coordinator.aggregation.accumulators import MeanAccumulator
 from coordinator.aggregation.base import Builder, Strategy, StrategyConfig, UpdateAccumulator, validate_options
 from coordinator.aggregation.errors import AggregationError
-from coordinator.aggregation.state import StateDict, decode_state, encode_state, scalar
+from coordinator.aggregation.state import StateDict, scalar
 from coordinator.privacy.accounting import RoundEvent, adaptive_clip_update_noise
 
 
@@ -94,28 +94,6 @@ class DPAccumulator(UpdateAccumulator):
             "clipped": float(self.n_clipped),
             "noise_stddev": self.noise_stddev,
         }
-
-    def snapshot(self) -> bytes:
-        self._check_open()
-        inner = np.frombuffer(self.inner.snapshot(), dtype=np.uint8)
-        return encode_state(
-            {
-                "kind": self.kind,
-                "n_params": self.n_params,
-                "n_clipped": self.n_clipped,
-                "clip": self.clip,
-                "inner": inner,
-            }
-        )
-
-    def restore(self, blob: bytes) -> None:
-        self._check_fresh()
-        state = decode_state(blob)
-        self._check_kind(state)
-        if scalar(state, "clip", float) != self.clip or "inner" not in state:
-            raise AggregationError("FHAI-A007", "dp snapshot was taken with another clip norm: re-fold the round")
-        self.inner.restore(np.asarray(state["inner"], dtype=np.uint8).tobytes())
-        self.n_clipped = scalar(state, "n_clipped", int)
 
     def close(self) -> None:
         self.inner.close()

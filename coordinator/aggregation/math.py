@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def fold_weighted(total: np.ndarray, delta: np.ndarray, weight: float) -> int:
     """Add weight * delta to the float64 running sum `total`, in place, unless delta has non-finite values.
 
@@ -32,7 +32,7 @@ def fold_weighted(total: np.ndarray, delta: np.ndarray, weight: float) -> int:
     return 0
 
 
-@njit(cache=True, fastmath={"reassoc", "contract"})
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def squared_norm(delta: np.ndarray) -> float:
     """Squared L2 norm of a float32 vector, accumulated in float64 (float32 overflows at |x| ~ 1e19).
 

@@ -1,6 +1,6 @@
 """Saved state as bytes: a dict of numpy arrays in the .npz format, read back with pickling refused.
 
-Used for strategy state (server optimizer moments) and accumulator snapshots. Scalars and strings
+Used for strategy state (server optimizer moments). Scalars and strings
 are stored as 0-d arrays, so a reader needs numpy only, and a crafted file cannot run code.
 """
 

@@ -11,7 +11,6 @@ import numpy as np
 
 from coordinator.aggregation.base import UpdateAccumulator
 from coordinator.aggregation.errors import AggregationError
-from coordinator.aggregation.state import decode_state, encode_state, scalar
 from edge_runtime.secagg import grid
 from edge_runtime.secagg.errors import PrivacyError
 from edge_runtime.secagg.grid import GridSpec
@@ -79,16 +78,3 @@ class SecureSumAccumulator(UpdateAccumulator):
         if self._sum is None:
             raise AggregationError("FHAI-A006", "no secure sum was unmasked in this round")
         return self._sum / self._count
-
-    def snapshot(self) -> bytes:
-        self._check_open()
-        total = self._sum if self._sum is not None else np.zeros(0)
-        return encode_state({"kind": self.kind, "n_params": self.n_params, "sum": total, "count": self._count})
-
-    def restore(self, blob: bytes) -> None:
-        self._check_fresh()
-        state = decode_state(blob)
-        self._check_kind(state)
-        count = scalar(state, "count", int)
-        if count:
-            self.add_sum(np.asarray(state["sum"]), count)
