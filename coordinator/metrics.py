@@ -54,7 +54,13 @@ class _StoreCollector(Collector):
                 .group_by(Round.phase)
             ).all()
             accepted = s.execute(
-                select(AcceptedUpdate.kind, func.count(), func.coalesce(func.sum(func.length(AcceptedUpdate.body)), 0))
+                select(
+                    AcceptedUpdate.kind,
+                    func.count(),
+                    func.coalesce(
+                        func.sum(func.coalesce(AcceptedUpdate.body_bytes, func.length(AcceptedUpdate.body))), 0
+                    ),
+                )
                 .where(AcceptedUpdate.task_id == task)
                 .group_by(AcceptedUpdate.kind)
             ).all()

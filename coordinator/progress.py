@@ -73,9 +73,9 @@ def round_view(m: RoundManager) -> RoundView:
     state = m.state
     row = state.row if state else None
     answered: set[str] = set(state.accepted) if state else set()
-    if row is not None and row.phase == "eval" and m.model is not None:
-        # The final round collects evaluations of the last model, not updates.
-        version = m.model.version()
+    if row is not None and row.phase == "eval" and m.device_model is not None:
+        # The final round collects evaluations of the last model (as the devices hold it), not updates.
+        version = m.device_model.version()
         answered = {e.device_id for e in m.store.evaluations(m.task.task) if e.model_version == version}
     return RoundView(
         task=m.task.task,
@@ -87,7 +87,7 @@ def round_view(m: RoundManager) -> RoundView:
         accepted=tuple(sorted(answered)),
         online=tuple(sorted(m.online)),
         seconds_left=row.deadline - m.clock() if row else None,
-        model_version=m.model.version() if m.model else None,
+        model_version=m.device_model.version() if m.device_model else None,
     )
 
 
@@ -134,14 +134,29 @@ class ProgressReporter:
 
     def __call__(self, m: RoundManager) -> None:
         now = time.monotonic()
-        if now - self._viewed_at < 0.25:  # the service ticks ~10 times a second; a person reads less often
-            return
-        self._viewed_at = now
-        view = round_view(m)
         if self.live is not None:
-            self.live.update(status_line(view))
+            if now - self._viewed_at >= 0.25:  # the service ticks ~10 times a second; a person reads less often
+                self._viewed_at = now
+                self.live.update(status_line(round_view(m)))
             return
-        key = (view.round, view.phase, view.status, view.accepted, view.online)
-        if key != self._last_key or (view.status == "collecting" and now - self._last_at >= self.every_s):
-            log.info("%s", view.summary())
+        # Plain lines: one whenever the round's state changes (however short the round), and every `every_s`
+        # while it waits. The state is read from the manager, not the store, except in the final evaluation,
+        # whose answers are in the store.
+        state = m.state
+        row = state.row if state else None
+        if row is not None and row.phase == "eval":
+            view = round_view(m)
+            key: tuple[object, ...] = (view.round, view.phase, view.status, view.accepted, view.online)
+        else:
+            view = None
+            key = (
+                row.round if row else None,
+                row.phase if row else None,
+                row.status if row else None,
+                len(state.accepted) if state else 0,
+                len(m.online),
+            )
+        collecting = row is not None and row.status == "collecting"
+        if key != self._last_key or (collecting and now - self._last_at >= self.every_s):
+            log.info("%s", (view or round_view(m)).summary())
             self._last_key, self._last_at = key, now
